@@ -1,0 +1,209 @@
+"""`airflow-grid plan|run`: the whole pipeline on one machine, no Airflow database needed.
+
+``run`` plans once, runs every candidate through the worker as its own process (N at a time, each inside the
+spec's CPU budget), reduces to cv_results_, refits the winner and scores the holdout - the same steps, files and
+worker the Airflow DAG uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from airflow_grid import cv, results
+from airflow_grid.plan import Plan, make_plan
+from airflow_grid.spec import SpecError, load_spec_file, parse_spec
+from airflow_grid.store import Store
+
+
+class RunFailed(RuntimeError):
+    """Some candidates could not be evaluated; results already computed stay in the store."""
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    spec = parse_spec(load_spec_file(args.spec))
+    plan = make_plan(spec, Store(args.store))
+    document = plan.document
+    print(f"study {spec.name}: {len(plan.candidates)} candidates x {plan.n_splits} folds = {document['n_fits']} fits")
+    print(f"budget guard: {document['n_fits']} <= limits.max_fits={spec.max_fits}: ok")
+    print(f"resources per candidate: {spec.resources.to_json()} -> n_jobs <= {spec.resources.n_jobs}")
+    print(f"data: {document['n_samples']} search rows, fingerprint {document['data_fingerprint'][:12]}")
+    print(f"plan: {plan.uri}")
+    store = Store(plan.store_root)
+    for candidate in plan.candidates:
+        cached = " (in store)" if store.exists(store.result_path(candidate["key"])) else ""
+        print(f"  [{candidate['index']:>3}] {candidate['label']}{cached}")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    spec = parse_spec(load_spec_file(args.spec))
+    store = Store(args.store)
+    plan = make_plan(spec, store)
+    cores = os.cpu_count() or 1
+    parallel = args.parallel or max(1, cores // max(1, math.ceil(spec.resources.cpu)))
+    n = len(plan.candidates)
+    print(
+        f"study {spec.name}: {n} candidates x {plan.n_splits} folds = {plan.document['n_fits']} fits, "
+        f"{parallel} at a time, {spec.resources.to_json()} each; store {store.root}",
+        flush=True,
+    )
+    candidate_results = evaluate_all(plan, store, parallel, spec.resources.cpu)
+    fitted = sum(1 for r in candidate_results if not r["from_store"])
+    print(f"evaluated {n} candidates: {fitted} fitted, {n - fitted} from store", flush=True)
+
+    n_failed = results.check_failures(candidate_results, plan.n_splits)
+    cv_results = results.assemble(
+        [c["params"] for c in plan.candidates],
+        candidate_results,
+        n_splits=plan.n_splits,
+        metric_names=spec.metric_names,
+        return_train_score=spec.return_train_score,
+    )
+    best = results.best_index(cv_results, spec.refit_metric)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cv_results.json").write_text(json.dumps(results.to_json(cv_results), indent=1))
+    summary: dict[str, Any] = {
+        "best_index": best,
+        "best_score": float(cv_results[f"mean_test_{spec.refit_metric}"][best]),
+        "best_params": plan.candidates[best]["params"],
+        "refit_metric": spec.refit_metric,
+        "n_candidates": n,
+        "n_failed": n_failed,
+        "study": spec.name,
+        "plan_id": plan.plan_id,
+    }
+    (out / "best.json").write_text(json.dumps(summary, indent=1))
+    print(f"winner [{best}] {plan.candidates[best]['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}")
+
+    if not args.no_refit:
+        outcome = _run_worker(
+            ["refit", "--plan", plan.uri, "--candidate", str(best), "--model", str(out / "model.joblib")],
+            spec.resources.cpu,
+        )
+        summary["holdout_score"] = outcome["holdout_score"]
+        summary["model_path"] = outcome["model_path"]
+        (out / "best.json").write_text(json.dumps(summary, indent=1))
+        if outcome["holdout_score"] is not None:
+            print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={outcome['holdout_score']:.4f}")
+        print(f"model: {outcome['model_path']}")
+    print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float) -> list[dict[str, Any]]:
+    """Every candidate's result in candidate order: stored ones read, the rest run as worker processes."""
+    candidates = plan.candidates
+    done: dict[int, dict[str, Any]] = {}
+    failures: dict[int, str] = {}
+    pending = []
+    for candidate in candidates:
+        stored = store.get_result(candidate["key"])
+        if stored is None:
+            pending.append(candidate)
+        else:
+            done[candidate["index"]] = {**stored, "from_store": True}
+            _progress(len(done) + len(failures), len(candidates), candidate, done[candidate["index"]])
+
+    with tempfile.TemporaryDirectory(prefix="airflow-grid-run-") as scratch:
+        running: dict[int, tuple[subprocess.Popen[bytes], Path, Any]] = {}
+        while pending or running:
+            while pending and len(running) < parallel:
+                candidate = pending.pop(0)
+                out_path = Path(scratch) / f"{candidate['index']}.json"
+                log = open(Path(scratch) / f"{candidate['index']}.log", "w+b")  # noqa: SIM115 (closed below)
+                command = _worker_command(
+                    ["evaluate", "--plan", plan.uri, "--candidate", str(candidate["index"]), "--out", str(out_path)]
+                )
+                running[candidate["index"]] = (
+                    subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(cpu)),
+                    out_path,
+                    log,
+                )
+            time.sleep(0.05)
+            for index, (process, out_path, log) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                del running[index]
+                log.seek(0)
+                output = log.read().decode(errors="replace")
+                log.close()
+                if process.returncode == 0:
+                    done[index] = json.loads(out_path.read_text())["results"][0]
+                else:
+                    failures[index] = output.strip()[-3000:] or f"worker exited with {process.returncode}"
+                _progress(len(done) + len(failures), len(candidates), candidates[index], done.get(index))
+    if failures:
+        details = "\n".join(f"--- candidate {i} ({candidates[i]['label']}):\n{text}" for i, text in failures.items())
+        raise RunFailed(
+            f"{len(failures)} of {len(candidates)} candidates failed; the other {len(done)} results are kept in the "
+            f"store and a rerun will not fit them again.\n{details}"
+        )
+    return [done[candidate["index"]] for candidate in candidates]
+
+
+def _progress(count: int, total: int, candidate: dict[str, Any], result: dict[str, Any] | None) -> None:
+    if result is None:
+        status = "FAILED"
+    else:
+        metric, scores = next(iter(result["test_scores"].items()))
+        finite = [s for s in scores if not math.isnan(s)]
+        mean = f"{sum(finite) / len(finite):.4f}" if finite else "nan"
+        how = "from store" if result["from_store"] else f"fitted in {result['elapsed_s']:.1f}s"
+        failed = f", {result['n_failed_fits']} fits failed" if result.get("n_failed_fits") else ""
+        status = f"{metric}={mean} ({how}{failed})"
+    print(f"[{count:>{len(str(total))}}/{total}] {candidate['label']}: {status}", flush=True)
+
+
+def _worker_command(arguments: list[str]) -> list[str]:
+    return [sys.executable, "-m", "airflow_grid.worker", *arguments]
+
+
+def _worker_env(cpu: float) -> dict[str, str]:
+    _, threads = cv.budget(cpu, 1)
+    return {**os.environ, **cv.thread_env(threads)}
+
+
+def _run_worker(arguments: list[str], cpu: float) -> dict[str, Any]:
+    completed = subprocess.run(_worker_command(arguments), capture_output=True, text=True, env=_worker_env(cpu))
+    if completed.returncode != 0:
+        raise RunFailed(f"worker {arguments[0]} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    outcome: dict[str, Any] = json.loads(completed.stdout)
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="airflow-grid", description="Resource-safe scikit-learn grid search.")
+    parser.add_argument("--store", default=None, help="result store root (default: $AIRFLOW_GRID_STORE or "
+                        "$AIRFLOW_HOME/airflow_grid)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="validate a spec and show its candidates, fits and budget guard")
+    plan.add_argument("spec")
+    run = commands.add_parser("run", help="run a whole search locally, write cv_results.json and best.json")
+    run.add_argument("spec")
+    run.add_argument("--out", required=True, help="output directory")
+    run.add_argument("--parallel", type=int, default=None, help="candidates at a time (default: CPUs / cpu each)")
+    run.add_argument("--no-refit", action="store_true", help="skip refitting the winner")
+    args = parser.parse_args(argv)
+    try:
+        return plan_command(args) if args.command == "plan" else run_command(args)
+    except SpecError as error:
+        print(f"airflow-grid: invalid spec: {error}", file=sys.stderr)
+        return 2
+    except (RunFailed, results.AllFitsFailedError) as error:
+        print(f"airflow-grid: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Evaluate one candidate's folds exactly as GridSearchCV fits and scores them, inside a CPU budget.
+
+The folds are the stored index manifest and the scoring goes through sklearn's public ``cross_validate``, so each
+fold's fit and score is the same call GridSearchCV makes. ``n_jobs`` comes from the CPU budget (never -1) and
+BLAS/OpenMP pools are capped so that ``n_jobs x threads <= budget``: the n_jobs=-1 incident cannot happen here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
+_FAILED_COUNT = re.compile(r"(\d+) fits failed out of a total of (\d+)")
+_ALL_FAILED = re.compile(r"All the (\d+) fits failed")
+
+
+def budget(cpu: float, n_folds: int) -> tuple[int, int]:
+    """(n_jobs, threads per job) for a CPU budget: folds in parallel first, leftover cores as threads."""
+    cores = max(1, math.floor(cpu))
+    n_jobs = max(1, min(cores, n_folds))
+    return n_jobs, max(1, cores // n_jobs)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment that caps native thread pools in this process and in any process it starts."""
+    return dict.fromkeys(THREAD_ENV_VARS, str(threads))
+
+
+def evaluate(
+    estimator: Any,
+    X: Any,
+    y: Any,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    scoring: str | list[str] | dict[str, str] | None,
+    metric_names: list[str],
+    error_score: float | str,
+    return_train_score: bool,
+    cpu: float,
+) -> dict[str, Any]:
+    """Fit and score ``estimator`` (params already set) on every fold; failures become data per error_score.
+
+    Returns per-fold ``test_scores`` (and ``train_scores``) keyed by metric, ``fit_time``, ``score_time``,
+    ``n_failed_fits`` and ``error`` (sklearn's failure summary, or None). With ``error_score="raise"`` the fit
+    error propagates, as in GridSearchCV.
+    """
+    from sklearn.model_selection import cross_validate
+    from threadpoolctl import threadpool_limits
+
+    n_jobs, threads = budget(cpu, len(folds))
+    os.environ.update(thread_env(threads))  # loky workers inherit it
+    started = time.perf_counter()
+    error: str | None = None
+    with threadpool_limits(limits=threads), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            scores = cross_validate(
+                estimator,
+                X,
+                y,
+                cv=folds,
+                scoring=scoring,
+                n_jobs=n_jobs,
+                error_score=error_score,
+                return_train_score=return_train_score,
+            )
+        except ValueError as failure:
+            if error_score == "raise" or not _ALL_FAILED.search(str(failure)):
+                raise
+            # Every fold failed: cross_validate raises where GridSearchCV records error_score and moves on.
+            error = str(failure).strip()
+            scores = _all_failed_scores(len(folds), metric_names, error_score, return_train_score, started)
+    n_failed = len(folds) if error else 0
+    for warning in caught:
+        match = _FAILED_COUNT.search(str(warning.message))
+        if match:
+            n_failed, error = int(match.group(1)), str(warning.message).strip()
+    prefix = "test_score" if metric_names == ["score"] else None
+    result: dict[str, Any] = {
+        "test_scores": {m: _floats(scores[prefix or f"test_{m}"]) for m in metric_names},
+        "fit_time": _floats(scores["fit_time"]),
+        "score_time": _floats(scores["score_time"]),
+        "n_failed_fits": n_failed,
+        "error": error,
+        "n_jobs": n_jobs,
+        "threads": threads,
+    }
+    if return_train_score:
+        result["train_scores"] = {m: _floats(scores["train_score" if prefix else f"train_{m}"]) for m in metric_names}
+    return result
+
+
+def _all_failed_scores(
+    n_folds: int, metric_names: list[str], error_score: float | str, return_train_score: bool, started: float
+) -> dict[str, Any]:
+    fill = np.full(n_folds, float(error_score))
+    per_fold = (time.perf_counter() - started) / n_folds
+    scores: dict[str, Any] = {"fit_time": np.full(n_folds, per_fold), "score_time": np.zeros(n_folds)}
+    single = metric_names == ["score"]
+    for metric in metric_names:
+        scores["test_score" if single else f"test_{metric}"] = fill
+        if return_train_score:
+            scores["train_score" if single else f"train_{metric}"] = fill
+    return scores
+
+
+def _floats(values: Any) -> list[float]:
+    return [float(v) for v in np.asarray(values, dtype=np.float64)]

@@ -1,0 +1,120 @@
+"""Expand a spec's param_grid into candidates, in scikit-learn's ParameterGrid order.
+
+The grid is expanded on the spec's JSON values (object specs stay mappings) with sklearn's own ParameterGrid, so
+candidate order is exactly GridSearchCV's; each candidate is then built once at plan time to prove its parameters
+exist on the estimator before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sklearn.base import BaseEstimator, clone
+from sklearn.model_selection import ParameterGrid
+
+from airflow_grid.spec import TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the grid: its position in sklearn's order, its JSON-ready params and a readable label."""
+
+    index: int
+    params: dict[str, Any]
+    label: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "params": self.params, "label": self.label}
+
+
+def expand(spec: SearchSpec) -> list[Candidate]:
+    """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order)."""
+    try:
+        grid = ParameterGrid(spec.param_grid)
+    except (TypeError, ValueError) as error:  # sklearn's own message names the parameter and the fix
+        raise SpecError("param_grid", str(error)) from error
+    return [Candidate(index=i, params=dict(params), label=candidate_label(params)) for i, params in enumerate(grid)]
+
+
+def build_estimator(spec: SearchSpec, params: dict[str, Any] | None = None) -> BaseEstimator:
+    """The spec's estimator with a candidate's params set, exactly as GridSearchCV sets them."""
+    estimator = build(spec.estimator, "estimator", spec.allowed)
+    if not params:
+        return estimator
+    built = {name: build(value, f"param_grid.{name}", spec.allowed) for name, value in params.items()}
+    return clone(estimator).set_params(**clone(built, safe=False))
+
+
+def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
+    """Set every candidate's params on a clone of the estimator, so unknown parameters fail at plan time."""
+    base = build_estimator(spec)
+    for candidate in candidates:
+        built = {name: build(value, f"param_grid.{name}", spec.allowed) for name, value in candidate.params.items()}
+        try:
+            clone(base).set_params(**clone(built, safe=False))
+        except ValueError as error:
+            bad = next((name for name in candidate.params if _message_names(error, name)), "")
+            raise SpecError(
+                f"param_grid.{bad}" if bad else "param_grid",
+                f"candidate {candidate.index} ({candidate.label}) cannot be set on the estimator: {error}",
+                "use parameter names the estimator has (step__param for pipeline steps); "
+                "estimator.get_params().keys() lists them.",
+            ) from error
+
+
+def _message_names(error: Exception, name: str) -> bool:
+    return repr(name.rsplit("__", 1)[-1]) in str(error)
+
+
+def count_fits(n_candidates: int, n_splits: int) -> int:
+    return n_candidates * n_splits
+
+
+def check_budget(spec: SearchSpec, n_candidates: int, n_splits: int) -> int:
+    """The budget guard: refuse a grid whose fit count exceeds limits.max_fits, with the count."""
+    n_fits = count_fits(n_candidates, n_splits)
+    if n_fits > spec.max_fits:
+        raise SpecError(
+            "limits.max_fits",
+            f"the grid has {n_candidates} candidates x {n_splits} folds = {n_fits} fits, more than "
+            f"max_fits={spec.max_fits}.",
+            "shrink param_grid or cv, or raise limits.max_fits if the cluster can afford it.",
+        )
+    return n_fits
+
+
+def candidate_key(
+    spec: SearchSpec, params: dict[str, Any], folds_hash: str, data_fingerprint: str, sklearn_version: str
+) -> str:
+    """Content hash of everything that decides a candidate's scores; equal keys mean reusable results."""
+    return content_hash(
+        {
+            "estimator": spec.estimator,
+            "params": params,
+            "folds": folds_hash,
+            "scoring": spec.scoring,
+            "error_score": "raise" if spec.error_score == "raise" else repr(spec.error_score),
+            "return_train_score": spec.return_train_score,
+            "data": data_fingerprint,
+            "sklearn": sklearn_version,
+        }
+    )
+
+
+def candidate_label(params: dict[str, Any]) -> str:
+    """A short label such as ``clf=SVC C=10 kernel=rbf`` (step prefixes dropped, object specs by class name)."""
+    parts = []
+    for name in sorted(params):
+        short = name.rsplit("__", 1)[-1]
+        parts.append(f"{short}={_short_value(params[name])}")
+    return " ".join(parts)
+
+
+def _short_value(value: Any) -> str:
+    if is_object_spec(value):
+        return str(value[TARGET_KEY]).rsplit(".", 1)[-1]
+    if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) < 1e15:
+        return str(int(value)) if not isinstance(value, bool) else str(value)
+    return str(value)

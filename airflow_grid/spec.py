@@ -1,0 +1,591 @@
+"""The search spec: parse and validate YAML/JSON, build `_target_` object specs safely.
+
+A spec is untrusted input (it may come from a UI form), so every object it names must pass an allowlist of
+dotted-path prefixes before anything is imported, and every validation error names the field path, shows the
+value and says the fix. Validation that needs the estimator (unknown grid parameters, scorers) lives in
+:mod:`airflow_grid.grid`, which builds each candidate once at plan time.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TARGET_KEY = "_target_"
+DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = ("sklearn.",)
+ALLOWED_TARGETS_ENV = "AIRFLOW_GRID_ALLOWED_TARGETS"
+"""Comma-separated extra `_target_` prefixes a deployment allows (e.g. ``xgboost.,lightgbm.``)."""
+
+# Refused whatever the allowlist says: a deployment adding a prefix must not open a way to run code.
+_ALWAYS_REFUSED_PREFIXES = (
+    "builtins.",
+    "os.",
+    "sys.",
+    "subprocess.",
+    "shutil.",
+    "importlib.",
+    "pickle.",
+    "marshal.",
+    "socket.",
+    "ctypes.",
+    "runpy.",
+    "code.",
+    "pty.",
+    "joblib.load",
+)
+# Allowed prefixes can still hold functions that touch files: refuse writers and private names.
+_ALWAYS_REFUSED_NAMES = re.compile(r"(^|\.)(_[^.]*|dump[^.]*|clear_data_home|load_svmlight_files?)($|\.)")
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_MEMORY_FACTORS = {
+    None: 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+_KNOWN_FIELDS = {
+    "name",
+    "data",
+    "holdout",
+    "estimator",
+    "param_grid",
+    "cv",
+    "scoring",
+    "refit",
+    "error_score",
+    "return_train_score",
+    "resources",
+    "limits",
+    "backend",
+}
+DEFAULT_MAX_FITS = 5000
+
+
+class SpecError(ValueError):
+    """A spec field is invalid; the message names the field path, shows the value and says the fix."""
+
+    def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
+        self.path = path
+        message = f"spec.{path}: {problem}" if path else f"spec: {problem}"
+        if fix:
+            message += f" Fix: {fix}"
+        super().__init__(message)
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Object specs
+
+
+def allowed_prefixes(extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The allowlist: sklearn, plus prefixes from the environment and from the caller (deployment config)."""
+    from_env = [p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip()]
+    return (*DEFAULT_ALLOWED_PREFIXES, *from_env, *extra)
+
+
+def check_target(target: Any, path: str, allowed: Sequence[str]) -> str:
+    """Refuse a `_target_` that is not a dotted name under an allowed prefix (nothing is imported first)."""
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", target):
+        raise SpecError(
+            path,
+            f"_target_ must be a dotted import path, got {_show(target)}.",
+            "write the full path of a class or function, e.g. sklearn.svm.SVC.",
+        )
+    refused = target.startswith(_ALWAYS_REFUSED_PREFIXES) or _ALWAYS_REFUSED_NAMES.search(target)
+    if refused or not any(target.startswith(prefix) for prefix in allowed):
+        raise SpecError(
+            path,
+            f"_target_ {target!r} is not allowed (allowed prefixes: {', '.join(allowed)}; private names, "
+            "file writers and system modules are always refused).",
+            f"use a public class under an allowed prefix, or have the deployment add its prefix to "
+            f"${ALLOWED_TARGETS_ENV} / [airflow_grid] allowed_targets.",
+        )
+    return target
+
+
+def resolve_target(target: str, path: str) -> Any:
+    """Import the object a checked `_target_` names (longest importable module prefix, then attributes)."""
+    parts = target.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        try:
+            for attribute in parts[split:]:
+                obj = getattr(obj, attribute)
+        except AttributeError:
+            break
+        return obj
+    raise SpecError(path, f"_target_ {target!r} cannot be imported.", "check the spelling and the package version.")
+
+
+def is_object_spec(value: Any) -> bool:
+    return isinstance(value, Mapping) and TARGET_KEY in value
+
+
+def is_step_list(value: Any) -> bool:
+    """A list of `[name, obj]` pairs: pipeline steps or ColumnTransformer-style transformers."""
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(item, list | tuple) and len(item) >= 2 and isinstance(item[0], str) for item in value)
+    )
+
+
+def check_object_specs(value: Any, path: str, allowed: Sequence[str]) -> None:
+    """Walk a value and check every `_target_` in it against the allowlist, without importing anything."""
+    if isinstance(value, Mapping):
+        if TARGET_KEY in value:
+            check_target(value[TARGET_KEY], f"{path}._target_", allowed)
+        for key, item in value.items():
+            if key != TARGET_KEY:
+                check_object_specs(item, f"{path}.{key}", allowed)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_object_specs(item, f"{path}[{index}]", allowed)
+
+
+def build(value: Any, path: str, allowed: Sequence[str]) -> Any:
+    """Build object specs recursively: mappings with `_target_` are called with their other keys.
+
+    Lists of `[name, obj, ...]` become lists of tuples, as Pipeline and ColumnTransformer expect.
+    """
+    if isinstance(value, Mapping):
+        if TARGET_KEY in value:
+            target = check_target(value[TARGET_KEY], f"{path}._target_", allowed)
+            factory = resolve_target(target, f"{path}._target_")
+            kwargs = {str(k): build(v, f"{path}.{k}", allowed) for k, v in value.items() if k != TARGET_KEY}
+            try:
+                return factory(**kwargs)
+            except TypeError as error:
+                raise SpecError(
+                    path, f"{target}(**{_show(kwargs)}) failed: {error}.", "check the argument names."
+                ) from error
+        return {k: build(v, f"{path}.{k}", allowed) for k, v in value.items()}
+    if is_step_list(value):
+        return [
+            tuple(build(part, f"{path}[{i}][{j}]", allowed) for j, part in enumerate(item))
+            for i, item in enumerate(value)
+        ]
+    if isinstance(value, list):
+        return [build(item, f"{path}[{i}]", allowed) for i, item in enumerate(value)]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Resources
+
+
+def parse_cpu(value: Any, path: str) -> float:
+    """CPU as a number of cores or a Kubernetes quantity (``500m``)."""
+    if isinstance(value, bool):
+        value = None
+    if isinstance(value, int | float):
+        cores = float(value)
+    else:
+        match = _QUANTITY.match(str(value)) if value is not None else None
+        if not match or match.group(2) not in (None, "m"):
+            raise SpecError(path, f"got {_show(value)}.", "give cores as a number (2, 0.5) or millicores ('500m').")
+        cores = float(match.group(1)) / (1000 if match.group(2) == "m" else 1)
+    if not math.isfinite(cores) or cores <= 0:
+        raise SpecError(path, f"got {_show(value)}; CPU must be positive.", "give e.g. cpu: 1.")
+    return cores
+
+
+def parse_memory(value: Any, path: str) -> int:
+    """Memory as bytes or a Kubernetes quantity (``512Mi``, ``2Gi``, ``1G``)."""
+    match = _QUANTITY.match(str(value)) if isinstance(value, str | int) and not isinstance(value, bool) else None
+    if not match or match.group(2) == "m":
+        raise SpecError(path, f"got {_show(value)}.", "give a Kubernetes quantity such as 512Mi or 2Gi.")
+    amount = float(match.group(1)) * _MEMORY_FACTORS[match.group(2)]
+    if amount < 2**20:
+        raise SpecError(path, f"got {_show(value)} (= {int(amount)} bytes), below 1Mi.", "give e.g. memory: 1Gi.")
+    return int(amount)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-candidate budget. ``n_jobs`` inside a candidate is derived from ``cpu``; never -1."""
+
+    cpu: float = 1.0
+    memory_bytes: int = 2 * 2**30
+    cpu_text: str = "1"
+    memory_text: str = "2Gi"
+
+    @property
+    def n_jobs(self) -> int:
+        return max(1, math.floor(self.cpu))
+
+    def to_json(self) -> dict[str, str]:
+        return {"cpu": self.cpu_text, "memory": self.memory_text}
+
+
+def parse_resources(value: Any) -> Resources:
+    if value is None:
+        return Resources()
+    if not isinstance(value, Mapping):
+        raise SpecError("resources", f"got {_show(value)}.", "write resources: {cpu: 1, memory: 2Gi}.")
+    unknown = set(value) - {"cpu", "memory"}
+    if unknown:
+        raise SpecError(f"resources.{sorted(unknown)[0]}", "unknown field.", "resources takes cpu and memory.")
+    cpu_value = value.get("cpu", 1)
+    memory_value = value.get("memory", "2Gi")
+    return Resources(
+        cpu=parse_cpu(cpu_value, "resources.cpu"),
+        memory_bytes=parse_memory(memory_value, "resources.memory"),
+        cpu_text=str(cpu_value),
+        memory_text=str(memory_value),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The spec
+
+
+@dataclass(frozen=True)
+class Holdout:
+    test_size: float | int = 0.2
+    random_state: int | None = None
+    stratify: bool | None = None  # None: stratify when the estimator is a classifier
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A validated search spec. ``raw`` is the canonical JSON-ready form every fingerprint is taken from."""
+
+    name: str
+    data: dict[str, Any]
+    estimator: dict[str, Any]
+    param_grid: list[dict[str, list[Any]]]
+    cv: Any
+    scoring: str | list[str] | dict[str, str] | None
+    refit: str | bool
+    error_score: float | str
+    return_train_score: bool
+    holdout: Holdout | None
+    resources: Resources
+    max_fits: int
+    backend: str
+    allowed: tuple[str, ...] = field(default=DEFAULT_ALLOWED_PREFIXES)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def multimetric(self) -> bool:
+        return isinstance(self.scoring, list | dict)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Score names as in cv_results_ keys: ``score`` for single-metric, else the scorer names."""
+        if isinstance(self.scoring, dict):
+            return list(self.scoring)
+        if isinstance(self.scoring, list):
+            return list(self.scoring)
+        return ["score"]
+
+    @property
+    def refit_metric(self) -> str:
+        return self.refit if isinstance(self.refit, str) else "score"
+
+    @property
+    def refit_scorer(self) -> str | None:
+        """The sklearn scorer name behind the refit metric (None: the estimator's own ``score``)."""
+        if isinstance(self.scoring, dict):
+            return self.scoring[self.refit_metric]
+        if isinstance(self.scoring, list):
+            return self.refit_metric
+        return self.scoring
+
+    def fingerprint(self) -> str:
+        return content_hash(self.raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+def content_hash(value: Any) -> str:
+    """SHA-256 of canonical JSON: the same content gives the same key in every process."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+
+
+def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON spec file (JSON is YAML, so one parser reads both)."""
+    text = Path(path).read_text()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise SpecError("", f"{path} is not valid YAML/JSON: {error}", "fix the syntax at the line shown.") from error
+    if not isinstance(document, dict):
+        raise SpecError("", f"{path} must hold a mapping, got {_show(document)}.", "see dags/specs/ for examples.")
+    return document
+
+
+def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -> SearchSpec:
+    """Validate a spec document (already parsed from YAML/JSON, with overrides applied)."""
+    if not isinstance(document, Mapping):
+        raise SpecError("", f"must be a mapping, got {_show(document)}.", "see dags/specs/ for examples.")
+    raw = _json_ready(copy.deepcopy(dict(document)))
+    unknown = sorted(set(raw) - _KNOWN_FIELDS)
+    if unknown:
+        raise SpecError(unknown[0], "unknown field.", f"known fields are: {', '.join(sorted(_KNOWN_FIELDS))}.")
+    allowed = allowed_prefixes(extra_allowed)
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise SpecError(
+            "name", f"got {_show(name)}.", "use 1-63 lowercase letters, digits and dashes, e.g. digits-model-family."
+        )
+
+    data = _parse_data(raw.get("data"), allowed)
+    estimator = raw.get("estimator")
+    if not is_object_spec(estimator):
+        raise SpecError(
+            "estimator", f"got {_show(estimator)}.", "give an object spec, e.g. {_target_: sklearn.svm.SVC}."
+        )
+    check_object_specs(estimator, "estimator", allowed)
+
+    param_grid = _parse_param_grid(raw.get("param_grid"), allowed)
+    raw["param_grid"] = param_grid
+    cv = _parse_cv(raw.get("cv", 5), allowed)
+    scoring = _parse_scoring(raw.get("scoring"))
+    refit = _parse_refit(raw.get("refit"), scoring)
+    error_score = _parse_error_score(raw.get("error_score", math.nan))
+    return_train_score = raw.get("return_train_score", False)
+    if not isinstance(return_train_score, bool):
+        raise SpecError("return_train_score", f"got {_show(return_train_score)}.", "write true or false.")
+    holdout = _parse_holdout(raw.get("holdout"))
+    resources = parse_resources(raw.get("resources"))
+    max_fits = _parse_limits(raw.get("limits"))
+    backend = raw.get("backend", "local")
+    if backend not in ("local", "kubernetes"):
+        raise SpecError("backend", f"got {_show(backend)}.", "write local or kubernetes.")
+
+    return SearchSpec(
+        name=name,
+        data=data,
+        estimator=estimator,
+        param_grid=param_grid,
+        cv=cv,
+        scoring=scoring,
+        refit=refit,
+        error_score=error_score,
+        return_train_score=return_train_score,
+        holdout=holdout,
+        resources=resources,
+        max_fits=max_fits,
+        backend=backend,
+        allowed=allowed,
+        raw=raw,
+    )
+
+
+def _json_ready(value: Any) -> Any:
+    """Tuples become lists so that the canonical form and fingerprints do not depend on the file format."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
+
+
+def _parse_data(value: Any, allowed: Sequence[str]) -> dict[str, Any]:
+    if is_object_spec(value):
+        check_object_specs(value, "data", allowed)
+        return dict(value)
+    if isinstance(value, Mapping) and "path" in value:
+        unknown = sorted(set(value) - {"path", "target", "format", "columns"})
+        if unknown:
+            raise SpecError(f"data.{unknown[0]}", "unknown field.", "data takes path, target, format and columns.")
+        if not isinstance(value["path"], str) or not value["path"]:
+            raise SpecError("data.path", f"got {_show(value['path'])}.", "give a file path or fsspec URL.")
+        fmt = value.get("format") or _format_from_path(value["path"])
+        if fmt not in ("csv", "parquet", "npz"):
+            raise SpecError("data.format", f"got {_show(fmt)}.", "use csv, parquet or npz (or a path ending so).")
+        if fmt in ("csv", "parquet") and not isinstance(value.get("target"), str):
+            raise SpecError(
+                "data.target", f"got {_show(value.get('target'))}.", "name the column holding y, e.g. target: label."
+            )
+        return {**value, "format": fmt}
+    raise SpecError(
+        "data",
+        f"got {_show(value)}.",
+        "give an object spec returning (X, y), e.g. {_target_: sklearn.datasets.load_iris, return_X_y: true}, "
+        "or {path: data.parquet, target: label}.",
+    )
+
+
+def _format_from_path(path: str) -> str | None:
+    for suffix in ("csv", "parquet", "npz"):
+        if path.endswith(f".{suffix}"):
+            return suffix
+    return None
+
+
+def _parse_param_grid(value: Any, allowed: Sequence[str]) -> list[dict[str, list[Any]]]:
+    """sklearn's grid semantics: a mapping or a list of mappings of non-empty lists."""
+    if isinstance(value, Mapping):
+        grids, single = [value], True
+    elif isinstance(value, list) and value and all(isinstance(g, Mapping) for g in value):
+        grids, single = value, False
+    else:
+        raise SpecError(
+            "param_grid",
+            f"got {_show(value)}.",
+            "give a mapping of parameter name to a list of values, or a list of such mappings.",
+        )
+    checked: list[dict[str, list[Any]]] = []
+    for index, grid in enumerate(grids):
+        prefix = "param_grid" if single else f"param_grid[{index}]"
+        for param, values in grid.items():
+            path = f"{prefix}.{param}"
+            if not isinstance(values, list):
+                raise SpecError(
+                    path,
+                    f"got {_show(values)} ({type(values).__name__}); each parameter needs a list of values.",
+                    f"single values need to be wrapped in a list with one element: [{_show(values)}].",
+                )
+            if not values:
+                raise SpecError(path, "got an empty list.", "give at least one value.")
+            check_object_specs(values, path, allowed)
+        checked.append(dict(grid))
+    return checked
+
+
+def _parse_cv(value: Any, allowed: Sequence[str]) -> Any:
+    if isinstance(value, bool) or not (isinstance(value, int) or is_object_spec(value)):
+        raise SpecError(
+            "cv",
+            f"got {_show(value)}.",
+            "give a number of folds (>= 2) or a splitter, e.g. {_target_: sklearn.model_selection.KFold, "
+            "n_splits: 5, shuffle: true, random_state: 0}.",
+        )
+    if isinstance(value, int) and value < 2:
+        raise SpecError("cv", f"got {value}; cross-validation needs at least 2 folds.", "write cv: 5.")
+    if is_object_spec(value):
+        check_object_specs(value, "cv", allowed)
+    return value
+
+
+def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
+    from sklearn.metrics import get_scorer_names  # local: the spec module stays cheap to import
+
+    names = set(get_scorer_names())
+
+    def check(name: Any, path: str) -> str:
+        if not isinstance(name, str) or name not in names:
+            close = sorted(n for n in names if isinstance(name, str) and (name in n or n in name))[:5]
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise SpecError(
+                path,
+                f"unknown scorer {_show(name)}.{hint}",
+                "use a name from sklearn.metrics.get_scorer_names(), e.g. accuracy, f1_macro, r2.",
+            )
+        return name
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return check(value, "scoring")
+    if isinstance(value, list) and value:
+        if len(set(map(str, value))) != len(value):
+            raise SpecError("scoring", f"got duplicates in {_show(value)}.", "list each scorer once.")
+        return [check(name, f"scoring[{i}]") for i, name in enumerate(value)]
+    if isinstance(value, Mapping) and value:
+        return {str(key): check(name, f"scoring.{key}") for key, name in value.items()}
+    raise SpecError(
+        "scoring", f"got {_show(value)}.", "give a scorer name, a list of names, or a mapping {metric: scorer-name}."
+    )
+
+
+def _parse_refit(value: Any, scoring: str | list[str] | dict[str, str] | None) -> str | bool:
+    if not isinstance(scoring, list | dict):
+        if value in (None, True):
+            return True
+        if isinstance(value, str) and value in (scoring, "score"):
+            return True
+        raise SpecError(
+            "refit", f"got {_show(value)} with a single metric.", "omit refit (the single metric ranks candidates)."
+        )
+    metrics = list(scoring)
+    if value not in metrics:
+        raise SpecError(
+            "refit",
+            f"got {_show(value)}; with several metrics, refit must name the one that picks the winner.",
+            f"write refit: one of {metrics}.",
+        )
+    return str(value)
+
+
+def _parse_error_score(value: Any) -> float | str:
+    if value == "raise":
+        return "raise"
+    if isinstance(value, str) and value.lower() in ("nan", ".nan"):
+        return math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise SpecError("error_score", f"got {_show(value)}.", "write a number (e.g. .nan or 0) or 'raise'.")
+
+
+def _parse_holdout(value: Any) -> Holdout | None:
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping):
+        raise SpecError("holdout", f"got {_show(value)}.", "write holdout: {test_size: 0.2, random_state: 42}.")
+    unknown = sorted(set(value) - {"test_size", "random_state", "stratify"})
+    if unknown:
+        raise SpecError(f"holdout.{unknown[0]}", "unknown field.", "holdout takes test_size, random_state, stratify.")
+    test_size = value.get("test_size", 0.2)
+    valid_fraction = isinstance(test_size, float) and 0 < test_size < 1
+    valid_count = isinstance(test_size, int) and not isinstance(test_size, bool) and test_size >= 1
+    if not (valid_fraction or valid_count):
+        raise SpecError(
+            "holdout.test_size", f"got {_show(test_size)}.", "give a fraction in (0, 1) or a number of rows."
+        )
+    random_state = value.get("random_state")
+    if random_state is not None and (isinstance(random_state, bool) or not isinstance(random_state, int)):
+        raise SpecError(
+            "holdout.random_state",
+            f"got {_show(random_state)}.",
+            "give an integer so the split is the same everywhere.",
+        )
+    stratify = value.get("stratify")
+    if stratify is not None and not isinstance(stratify, bool):
+        raise SpecError("holdout.stratify", f"got {_show(stratify)}.", "write true or false.")
+    return Holdout(test_size=test_size, random_state=random_state, stratify=stratify)
+
+
+def _parse_limits(value: Any) -> int:
+    if value is None:
+        return DEFAULT_MAX_FITS
+    if not isinstance(value, Mapping) or set(value) - {"max_fits"}:
+        raise SpecError("limits", f"got {_show(value)}.", "write limits: {max_fits: 5000}.")
+    max_fits = value.get("max_fits", DEFAULT_MAX_FITS)
+    if isinstance(max_fits, bool) or not isinstance(max_fits, int) or max_fits < 1:
+        raise SpecError("limits.max_fits", f"got {_show(max_fits)}.", "give a positive integer.")
+    return max_fits
