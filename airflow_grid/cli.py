@@ -84,7 +84,9 @@ def run_command(args: argparse.Namespace) -> int:
         "plan_id": plan.plan_id,
     }
     (out / "best.json").write_text(json.dumps(summary, indent=1))
-    print(f"winner [{best}] {plan.candidates[best]['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}")
+    print(
+        f"winner [{best}] {plan.candidates[best]['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}"
+    )
 
     if not args.no_refit:
         outcome = _run_worker(
@@ -95,7 +97,8 @@ def run_command(args: argparse.Namespace) -> int:
         summary["model_path"] = outcome["model_path"]
         (out / "best.json").write_text(json.dumps(summary, indent=1))
         if outcome["holdout_score"] is not None:
-            print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={outcome['holdout_score']:.4f}")
+            score = outcome["holdout_score"]
+            print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={score:.4f}")
         print(f"model: {outcome['model_path']}")
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
     return 0
@@ -123,7 +126,15 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float) -> list[di
                 out_path = Path(scratch) / f"{candidate['index']}.json"
                 log = open(Path(scratch) / f"{candidate['index']}.log", "w+b")  # noqa: SIM115 (closed below)
                 command = _worker_command(
-                    ["evaluate", "--plan", plan.uri, "--candidate", str(candidate["index"]), "--out", str(out_path)]
+                    [
+                        "evaluate",
+                        "--plan",
+                        plan.uri,
+                        "--candidate",
+                        str(candidate["index"]),
+                        "--out",
+                        str(out_path),
+                    ]
                 )
                 running[candidate["index"]] = (
                     subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_worker_env(cpu)),
@@ -184,8 +195,11 @@ def _run_worker(arguments: list[str], cpu: float) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airflow-grid", description="Resource-safe scikit-learn grid search.")
-    parser.add_argument("--store", default=None, help="result store root (default: $AIRFLOW_GRID_STORE or "
-                        "$AIRFLOW_HOME/airflow_grid)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="result store root (default: $AIRFLOW_GRID_STORE or $AIRFLOW_HOME/airflow_grid)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="validate a spec and show its candidates, fits and budget guard")
     plan.add_argument("spec")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -20,8 +20,8 @@ from sklearn.model_selection import check_cv, train_test_split
 
 from airflow_grid.spec import SearchSpec, SpecError, build
 
-Table = np.ndarray | pd.DataFrame
-Target = np.ndarray
+Table: TypeAlias = np.ndarray | pd.DataFrame
+Target: TypeAlias = np.ndarray
 
 
 @dataclass
@@ -69,7 +69,9 @@ def _load_source(spec: SearchSpec) -> tuple[Table, Target]:
             X, y = loaded.data, loaded.target
         else:
             raise SpecError(
-                "data", f"{source['_target_']} returned {type(loaded).__name__}, not (X, y).", "pass return_X_y: true."
+                "data",
+                f"{source['_target_']} returned {type(loaded).__name__}, not (X, y).",
+                "pass return_X_y: true.",
             )
         return _as_table(X), _as_target(y)
     return _read_path(source)
@@ -92,7 +94,9 @@ def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
     frame = pd.read_csv(io.BytesIO(payload)) if fmt == "csv" else pd.read_parquet(io.BytesIO(payload))
     target = source["target"]
     if target not in frame.columns:
-        raise SpecError("data.target", f"column {target!r} is not in {list(frame.columns)}.", "name an existing column.")
+        raise SpecError(
+            "data.target", f"column {target!r} is not in {list(frame.columns)}.", "name an existing column."
+        )
     columns = source.get("columns") or [c for c in frame.columns if c != target]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
@@ -155,7 +159,7 @@ def read_table(path: str, mmap: bool = True) -> Table:
 # Folds
 
 
-Folds = list[tuple[np.ndarray, np.ndarray]]
+Folds: TypeAlias = list[tuple[np.ndarray, np.ndarray]]
 
 
 def make_folds(spec: SearchSpec, estimator: Any, X: Table, y: Target) -> Folds:

@@ -93,9 +93,10 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
             if part is None:
                 files[name] = None
                 continue
-            files[name] = f"{directory}/{data.table_filename(name, part)}"
-            store.write_bytes(files[name], data.table_bytes(part))
-        store.write_bytes(files["folds"], data.folds_bytes(folds))
+            relative = f"{directory}/{data.table_filename(name, part)}"
+            files[name] = relative
+            store.write_bytes(relative, data.table_bytes(part))
+        store.write_bytes(f"{directory}/folds.npz", data.folds_bytes(folds))
         store.write_json(f"{directory}/{PLAN_FILE}", document)  # last: its presence means the plan is whole
     return load_plan(store.url(directory))
 

@@ -107,7 +107,8 @@ def to_json(cv_results: dict[str, Any]) -> dict[str, list[Any]]:
         if key == "params":
             out[key] = list(column)
         elif isinstance(column, np.ma.MaskedArray):
-            out[key] = [None if masked else value for value, masked in zip(column.data, np.ma.getmaskarray(column))]
+            mask = np.ma.getmaskarray(column)
+            out[key] = [None if masked else value for value, masked in zip(column.data, mask, strict=True)]
         else:
             out[key] = [_plain(value) for value in np.asarray(column).tolist()]
     return out

@@ -359,7 +359,9 @@ def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise SpecError(
-            "name", f"got {_show(name)}.", "use 1-63 lowercase letters, digits and dashes, e.g. digits-model-family."
+            "name",
+            f"got {_show(name)}.",
+            "use 1-63 lowercase letters, digits and dashes, e.g. digits-model-family.",
         )
 
     data = _parse_data(raw.get("data"), allowed)
@@ -429,7 +431,9 @@ def _parse_data(value: Any, allowed: Sequence[str]) -> dict[str, Any]:
             raise SpecError("data.format", f"got {_show(fmt)}.", "use csv, parquet or npz (or a path ending so).")
         if fmt in ("csv", "parquet") and not isinstance(value.get("target"), str):
             raise SpecError(
-                "data.target", f"got {_show(value.get('target'))}.", "name the column holding y, e.g. target: label."
+                "data.target",
+                f"got {_show(value.get('target'))}.",
+                "name the column holding y, e.g. target: label.",
             )
         return {**value, "format": fmt}
     raise SpecError(
@@ -519,7 +523,9 @@ def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
     if isinstance(value, Mapping) and value:
         return {str(key): check(name, f"scoring.{key}") for key, name in value.items()}
     raise SpecError(
-        "scoring", f"got {_show(value)}.", "give a scorer name, a list of names, or a mapping {metric: scorer-name}."
+        "scoring",
+        f"got {_show(value)}.",
+        "give a scorer name, a list of names, or a mapping {metric: scorer-name}.",
     )
 
 
@@ -530,7 +536,9 @@ def _parse_refit(value: Any, scoring: str | list[str] | dict[str, str] | None) -
         if isinstance(value, str) and value in (scoring, "score"):
             return True
         raise SpecError(
-            "refit", f"got {_show(value)} with a single metric.", "omit refit (the single metric ranks candidates)."
+            "refit",
+            f"got {_show(value)} with a single metric.",
+            "omit refit (the single metric ranks candidates).",
         )
     metrics = list(scoring)
     if value not in metrics:
