@@ -82,6 +82,8 @@ def evaluate(
         match = _FAILED_COUNT.search(str(warning.message))
         if match:
             n_failed, error = int(match.group(1)), str(warning.message).strip()
+    if error and "MemoryError" in error:  # a budget problem, not a property of the candidate: never store it
+        raise MemoryError(f"a fit ran out of memory: {error[-2000:]}")
     prefix = "test_score" if metric_names == ["score"] else None
     result: dict[str, Any] = {
         "test_scores": {m: _floats(scores[prefix or f"test_{m}"]) for m in metric_names},

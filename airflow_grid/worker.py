@@ -4,9 +4,9 @@
     python -m airflow_grid.worker refit --plan URI --candidate N --model PATH [--out PATH]
 
 It needs only the worker dependencies (sklearn, numpy, pandas, joblib, fsspec, pyyaml): no Airflow, no MLflow.
-A candidate already in the store is not fitted again. Exit codes: 0 done (failed fits are recorded as data per
-``error_score``), 2 bad input (plan or candidate), 1 anything else, including a fit error under
-``error_score="raise"`` - Airflow retries those.
+A candidate already in the store is not fitted again. Exit codes: 0 done (failed fits are recorded as data
+per ``error_score``), 2 bad input (plan or candidate), 3 out of memory (nothing stored), 1 anything else,
+including a fit error under ``error_score="raise"`` - Airflow retries those.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+EXIT_OUT_OF_MEMORY = 3
 XCOM_RETURN_PATH = "/airflow/xcom/return.json"
 
 
@@ -153,6 +154,16 @@ def _peak_rss_bytes() -> int:
     return int(max(own, children) * 1024)
 
 
+def _limit_memory(limit: int) -> None:
+    """Cap this process's address space (inherited by joblib workers, so the cap is per process).
+
+    A local stand-in for a container's memory limit: an over-budget fit raises MemoryError instead of pushing the
+    machine into swap. The Kubernetes backend enforces the real cgroup limit.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
 def write_output(payload: dict[str, Any], out: str | None) -> None:
     """Write the result JSON atomically (a reader, such as KPO's xcom sidecar, never sees half of it)."""
     text = json.dumps(payload, allow_nan=True)
@@ -173,12 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--plan", required=True, help="plan URI (store root/plans/<plan_id>)")
     evaluate.add_argument("--candidate", type=int, action="append", required=True, help="candidate index")
     evaluate.add_argument("--out", help="result JSON path (default: stdout)")
+    evaluate.add_argument("--memory-limit", type=int, help="address-space limit per process, bytes")
     refit = commands.add_parser("refit", help="fit a candidate on the whole search data")
     refit.add_argument("--plan", required=True)
     refit.add_argument("--candidate", type=int, required=True)
     refit.add_argument("--model", required=True, help="where to write model.joblib")
     refit.add_argument("--out", help="outcome JSON path (default: stdout)")
     args = parser.parse_args(argv)
+    if getattr(args, "memory_limit", None):
+        _limit_memory(args.memory_limit)
     try:
         if args.command == "evaluate":
             payload = evaluate_candidates(args.plan, args.candidate)
@@ -187,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as error:
         print(f"airflow-grid worker: bad input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except MemoryError as error:
+        limit = f" (limit {args.memory_limit} bytes)" if getattr(args, "memory_limit", None) else ""
+        print(f"airflow-grid worker: out of memory{limit}; nothing was stored: {error}", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     write_output(payload, args.out)
     return 0
 

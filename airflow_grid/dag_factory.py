@@ -1,0 +1,143 @@
+"""Build the grid-search and refit DAGs from a spec path, so a user's DAG file is a few lines.
+
+    plan ──► evaluate[i] (mapped, pooled, labelled) ──► select (cv_results_, MLflow) ──► trigger_refit
+
+Nothing here reads a connection, a variable or the spec's data at parse time: parsing stays cheap and offline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG, Asset, Param, XComArg
+
+from airflow_grid.operators.evaluate import MAP_INDEX_TEMPLATE, LocalEvaluateOperator
+from airflow_grid.operators.plan import DEFAULT_POOL, PlanGridSearchOperator
+from airflow_grid.operators.refit import RefitWinnerOperator
+from airflow_grid.operators.select import SelectWinnerOperator
+
+DEFAULT_REFIT_DAG_ID = "grid_refit"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
+def search_params() -> dict[str, Param]:
+    """What a user may override from the trigger form; each validated by JSON schema before a run exists."""
+    section = "Overrides (empty = the DAG's spec file)"
+    return {
+        "spec": Param(None, type=["null", "object"], section=section, title="Whole spec",
+                      description_md="A complete search spec (replaces the spec file; validated at plan)."),
+        "spec_path": Param(None, type=["null", "string"], section=section, title="Spec file",
+                           description="Another spec file in the DAG's specs directory."),
+        "param_grid": Param(None, type=["null", "object", "array"], section=section,
+                            description_md="Replaces `param_grid`: a mapping of lists, or a list of such mappings."),
+        "cv": Param(None, type=["null", "integer", "object"], minimum=2, section=section,
+                    description="Number of folds (>= 2) or a splitter object spec."),
+        "scoring": Param(None, type=["null", "string", "array", "object"], section=section,
+                         description="A scorer name, a list of names, or {metric: scorer-name}."),
+        "resources": Param(
+            None, section=section, description="Per-candidate budget, e.g. {\"cpu\": 1, \"memory\": \"1Gi\"}.",
+            type=["null", "object"], additionalProperties=False,
+            properties={"cpu": {"type": ["number", "string"], "pattern": _QUANTITY, "exclusiveMinimum": 0},
+                        "memory": {"type": "string", "pattern": _QUANTITY}},
+        ),
+        "backend": Param(None, type=["null", "string"], enum=[None, "local", "kubernetes"], section=section),
+        "dataset_version": Param(None, type=["null", "string"], pattern=r"^[A-Za-z0-9._:+-]{1,128}$",
+                                 title="Dataset version",
+                                 description="Data version to tune on (default: asset event, logical date)."),
+        "max_parallel": Param(None, type=["null", "integer"], minimum=1, maximum=1024,
+                              description="Group candidates into at most this many evaluate tasks."),
+    }  # fmt: skip
+
+
+def grid_search_dag(
+    dag_id: str,
+    spec_path: str | Path,
+    *,
+    schedule: Any = None,
+    start_date: datetime | None = None,
+    catchup: bool = False,
+    pool: str = DEFAULT_POOL,
+    cpu: float = 1,
+    store: str | None = None,
+    refit_dag_id: str | None = DEFAULT_REFIT_DAG_ID,
+    retries: int = 2,
+    spec_dirs: Sequence[str] = (),
+    extra_allowed: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    doc_md: str | None = None,
+) -> DAG:
+    """A grid-search DAG over ``spec_path``: each evaluate task takes ``ceil(cpu)`` slots of ``pool``."""
+    slots = max(1, math.ceil(cpu))
+    with DAG(
+        dag_id=dag_id,
+        schedule=schedule,
+        start_date=start_date or datetime(2026, 1, 1),
+        catchup=catchup,
+        params=search_params(),
+        max_active_runs=1,
+        tags=["airflow-grid", *tags],
+        doc_md=doc_md,
+        default_args={"retries": retries, "retry_delay": timedelta(seconds=15)},
+    ) as dag:
+        plan = PlanGridSearchOperator(
+            task_id="plan",
+            spec_path=str(spec_path),
+            store=store,
+            grid_pool=pool,
+            pool_slots_per_candidate=slots,
+            spec_dirs=spec_dirs,
+            extra_allowed=extra_allowed,
+            retries=0,
+        )
+        evaluate = LocalEvaluateOperator.partial(
+            task_id="evaluate", pool=pool, pool_slots=slots, map_index_template=MAP_INDEX_TEMPLATE
+        ).expand(candidate=plan.output)
+        select = SelectWinnerOperator(
+            task_id="select", evaluated=evaluate.output, plan_summary=XComArg(plan, key="plan")
+        )
+        if refit_dag_id:
+            select >> TriggerDagRunOperator(
+                task_id="trigger_refit",
+                trigger_dag_id=refit_dag_id,
+                trigger_run_id="refit__{{ dag.dag_id }}__{{ run_id }}",
+                conf=select.output,  # type: ignore[arg-type]  # resolved to the dict at run time
+                skip_when_already_exists=True,
+            )
+    return dag
+
+
+def refit_params() -> dict[str, Param]:
+    return {
+        "parent_run_id": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^[0-9a-f]{32}$",
+            title="MLflow parent run id",
+            description="The study run whose winner to refit.",
+        )
+    }
+
+
+def grid_refit_dag(dag_id: str = DEFAULT_REFIT_DAG_ID, *, retries: int = 1) -> DAG:
+    """The refit DAG: triggered by a grid-search DAG, or by hand with the MLflow parent run id of a study."""
+    with DAG(
+        dag_id=dag_id,
+        schedule=None,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        params=refit_params(),
+        tags=["airflow-grid"],
+        default_args={"retries": retries, "retry_delay": timedelta(seconds=15)},
+    ) as dag:
+        RefitWinnerOperator(task_id="refit", parent_run_id="{{ params.parent_run_id or '' }}")
+    return dag
+
+
+def dataset_asset(name: str, uri: str) -> Asset:
+    """An Asset whose events carry ``extra.dataset_version`` for the asset-scheduled grid search."""
+    return Asset(name=name, uri=uri)

@@ -1,0 +1,160 @@
+"""Plan operator: turn the run's spec (with its overrides) into the candidate list that evaluate maps over."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context, conf
+from airflow.sdk.exceptions import AirflowFailException
+
+from airflow_grid import overrides
+from airflow_grid.plan import make_plan
+from airflow_grid.spec import SpecError, parse_spec
+from airflow_grid.store import Store
+
+DEFAULT_POOL = "grid_fits"
+
+
+class PlanGridSearchOperator(BaseOperator):
+    """Validate the spec, resolve the dataset version, snapshot data and folds, and return the candidates.
+
+    Returns one item per evaluate task: ``{"plan_uri", "indices", "label"}`` (one candidate per task, or with the
+    ``max_parallel`` param, candidates dealt into at most that many tasks). A bad spec, a missing pool, or a grid
+    over the budget fails here, without retries, before any candidate runs.
+    """
+
+    template_fields: Sequence[str] = ("spec_path", "store")
+    ui_color = "#e8f4fd"
+
+    def __init__(
+        self,
+        *,
+        spec_path: str,
+        store: str | None = None,
+        grid_pool: str = DEFAULT_POOL,
+        pool_slots_per_candidate: int = 1,
+        spec_dirs: Sequence[str] = (),
+        extra_allowed: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.spec_path = spec_path
+        self.store = store
+        self.grid_pool = grid_pool
+        self.pool_slots_per_candidate = pool_slots_per_candidate
+        self.spec_dirs = tuple(spec_dirs) or (str(Path(spec_path).parent),)
+        self.extra_allowed = tuple(extra_allowed)
+
+    def execute(self, context: Context) -> list[dict[str, Any]]:
+        params = dict(context["params"])
+        self._check_spec_path(params.get("spec_path"))
+        self._check_pool()
+        document, applied = overrides.spec_document(self.spec_path, params)
+        extras = [event.extra for events in _asset_events(context).values() for event in events]
+        version, source = overrides.dataset_version(params, extras, context.get("logical_date"))
+        data = document.get("data")
+        if isinstance(data, dict) and isinstance(data.get("path"), str):
+            jinja_context: Any = {**context, "dataset_version": version}
+            rendered = self.render_template(data["path"], jinja_context)
+            document["data"] = {**data, "path": rendered}
+        try:
+            spec = parse_spec(document, self.extra_allowed)
+            if spec.backend != "local":
+                raise SpecError("backend", f"got {spec.backend!r}; this DAG runs the local backend.", "use local.")
+            if math.ceil(spec.resources.cpu) > self.pool_slots_per_candidate:
+                raise SpecError(
+                    "resources.cpu",
+                    f"got {spec.resources.cpu_text}, more than the {self.pool_slots_per_candidate} pool slot(s) "
+                    f"each evaluate task of this DAG takes in pool {self.grid_pool!r}.",
+                    "lower resources.cpu, or build the DAG with a larger cpu so its tasks take more slots.",
+                )
+            plan = make_plan(spec, Store(self.store), self.extra_allowed)
+        except SpecError as error:
+            raise AirflowFailException(f"invalid spec: {error}") from error
+        version = version or plan.document["data_fingerprint"][:12]
+        candidates = plan.candidates
+        groups = _deal(len(candidates), params.get("max_parallel"))
+        max_map_length = conf.getint("core", "max_map_length", fallback=1024)
+        if len(groups) > max_map_length:
+            raise AirflowFailException(
+                f"the grid has {len(groups)} evaluate tasks, more than [core] max_map_length={max_map_length}. "
+                "Fix: set the max_parallel param (candidates are then grouped into that many tasks), shrink the "
+                "grid, or raise max_map_length."
+            )
+        summary = {
+            "plan_uri": plan.uri,
+            "study": spec.name,
+            "n_candidates": len(candidates),
+            "n_fits": plan.document["n_fits"],
+            "dataset_version": version,
+            "dataset_version_source": source,
+            "overrides": applied,
+        }
+        context["ti"].xcom_push(key="plan", value=summary)
+        self.log.info(
+            "Planned %s: %d candidates x %d folds = %d fits in %d tasks; dataset version %s (from %s); overrides %s",
+            spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(groups), version, source,
+            applied or "none",
+        )  # fmt: skip
+        return [
+            {
+                "plan_uri": plan.uri,
+                "indices": group,
+                "label": " | ".join(candidates[i]["label"] for i in group),
+                "cpu": spec.resources.cpu_text,
+                "memory": spec.resources.memory_text,
+            }
+            for group in groups
+        ]
+
+    def _check_spec_path(self, requested: str | None) -> None:
+        """UI conf is untrusted: ``spec_path`` may only name a file inside the DAG's spec directories."""
+        if not requested:
+            return
+        resolved = Path(requested).resolve()
+        allowed = [Path(d).resolve() for d in self.spec_dirs]
+        if not any(resolved.is_relative_to(d) for d in allowed) or not resolved.is_file():
+            raise AirflowFailException(
+                f"spec_path {requested!r} is not a spec file in {[str(d) for d in allowed]}. "
+                "Fix: name a file in the DAG's specs directory, or pass the whole spec in the spec param."
+            )
+
+    def _check_pool(self) -> None:
+        """A task in a missing pool waits forever: fail now with the command that creates it."""
+        exists = pool_exists(self.grid_pool)
+        if exists is False:
+            raise AirflowFailException(
+                f"pool {self.grid_pool!r} does not exist, so the evaluate tasks would wait forever. Fix: "
+                f"airflow pools set {self.grid_pool} <CPUs you allow tuning to use> "
+                "'airflow-grid candidate fits'"
+            )
+        if exists is None:
+            self.log.warning("Could not check that pool %r exists (no metadata DB access here).", self.grid_pool)
+
+
+def pool_exists(name: str) -> bool | None:
+    """True/False when the metadata DB is reachable from this process (dag.test, in-process runs), else None."""
+    try:
+        from airflow.models.pool import Pool
+
+        return Pool.get_pool(name) is not None
+    except Exception:  # task processes under an executor have ORM access blocked by design
+        return None
+
+
+def _asset_events(context: Context) -> dict[Any, Any]:
+    try:
+        events = context.get("triggering_asset_events") or {}
+    except Exception:  # the accessor raises outside asset-triggered runs in some versions
+        return {}
+    return dict(events.items()) if hasattr(events, "items") else {}
+
+
+def _deal(n_candidates: int, max_parallel: int | None) -> list[list[int]]:
+    """One candidate per task, or dealt round-robin into ``max_parallel`` tasks (so costly neighbours spread)."""
+    if not max_parallel or max_parallel >= n_candidates:
+        return [[i] for i in range(n_candidates)]
+    return [list(range(start, n_candidates, max_parallel)) for start in range(max_parallel)]

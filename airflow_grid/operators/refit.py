@@ -1,0 +1,90 @@
+"""Refit operator: fit a study's winner on the full search data, score the holdout, register and gate it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.standard.hooks.subprocess import SubprocessHook
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+from airflow_grid import data, tracking
+from airflow_grid.cv import budget, thread_env
+from airflow_grid.plan import load_plan
+from airflow_grid.store import Store
+from airflow_grid.worker import EXIT_BAD_INPUT
+
+
+class RefitWinnerOperator(BaseOperator):
+    """Refit the winner of the MLflow parent run ``parent_run_id`` and run the champion gate.
+
+    The parent run records the plan URI and the winner's index (tags), so a manual trigger needs only the parent
+    run id. The model is fitted by the worker (same code, same budget), then logged here with a signature and an
+    input example, registered under the study name, aliased ``challenger``, and promoted to ``champion`` only if
+    its holdout score is at least the current champion's.
+    """
+
+    template_fields: Sequence[str] = ("parent_run_id",)
+
+    def __init__(self, *, parent_run_id: str, python: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.parent_run_id = parent_run_id
+        self.python = python or sys.executable
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        if not self.parent_run_id:
+            raise AirflowFailException('no parent_run_id: trigger with conf {"parent_run_id": "<MLflow run id>"}.')
+        parent = tracking.client().get_run(self.parent_run_id)
+        tags = parent.data.tags
+        if tracking.TAG_PLAN_URI not in tags or tracking.TAG_BEST_INDEX not in tags:
+            raise AirflowFailException(f"MLflow run {self.parent_run_id} is not an airflow-grid study run.")
+        plan = load_plan(tags[tracking.TAG_PLAN_URI])
+        spec = plan.spec
+        best_index = int(tags[tracking.TAG_BEST_INDEX])
+        store = Store(plan.store_root)
+        model_path = Path(tempfile.mkdtemp(prefix="airflow-grid-refit-")) / "model.joblib"
+        outcome = self._run_refit(plan.uri, best_index, model_path, spec.resources.cpu)
+        import joblib
+
+        model = joblib.load(model_path)
+        with tempfile.TemporaryDirectory() as cache:
+            X = data.read_table(store.local_path(str(plan.file("X")), cache), mmap=False)
+            input_example = X[:5] if not hasattr(X, "iloc") else X.iloc[:5]
+        dag_run = context["dag_run"]
+        registered = tracking.log_refit(
+            parent_run_id=self.parent_run_id,
+            dag_id=dag_run.dag_id,
+            run_id=dag_run.run_id,
+            model=model,
+            input_example=input_example,
+            holdout_score=outcome["holdout_score"],
+            holdout_metric=outcome["holdout_metric"],
+            tags={"airflow_grid.best_label": plan.candidates[best_index]["label"]},
+        )
+        self.log.info(
+            "Refit %s winner [%d] %s: holdout %s=%s; registered %s v%s; champion is v%s (%s)",
+            spec.name, best_index, plan.candidates[best_index]["label"], outcome["holdout_metric"],
+            outcome["holdout_score"], registered["model_name"], registered["version"],
+            registered["champion_version"], "promoted" if registered["promoted"] else "kept",
+        )  # fmt: skip
+        return {**registered, "holdout_score": outcome["holdout_score"], "best_index": best_index}
+
+    def _run_refit(self, plan_uri: str, index: int, model_path: Path, cpu: float) -> dict[str, Any]:
+        _, threads = budget(cpu, 1)
+        with tempfile.TemporaryDirectory(prefix="airflow-grid-refit-") as scratch:
+            out = Path(scratch) / "outcome.json"
+            command = [self.python, "-m", "airflow_grid.worker", "refit", "--plan", plan_uri]
+            command += ["--candidate", str(index), "--model", str(model_path), "--out", str(out)]
+            result = SubprocessHook().run_command(command, env={**os.environ, **thread_env(threads)}, cwd=scratch)
+            if result.exit_code == EXIT_BAD_INPUT:
+                raise AirflowFailException(f"refit worker refused its input: {result.output}")
+            if result.exit_code != 0:
+                raise AirflowException(f"refit worker exited with {result.exit_code}: {result.output}")
+            outcome: dict[str, Any] = json.loads(out.read_text())
+        return outcome
