@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test lint install
+.PHONY: demo demo-cli test lint install
 
 install: $(VENV)/.installed
 
@@ -14,7 +14,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[dev]"
 	touch $@
 
+# The embedded default: Airflow on SQLite and MLflow's sqlite store, both under .airflow/ (not ~/airflow).
+AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags \
+	AIRFLOW__CORE__LOAD_EXAMPLES=False PATH=$(CURDIR)/$(BIN):$$PATH
+
 demo: install
+	$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
+	$(AIRFLOW_ENV) $(BIN)/airflow pools set grid_fits $$(nproc) "airflow-grid candidate fits" > /dev/null
+	$(AIRFLOW_ENV) $(BIN)/python -m airflow_grid.demo
+
+demo-cli: install
 	$(BIN)/airflow-grid run dags/specs/digits_model_family.yaml --out out/digits
 
 lint: install

@@ -8,6 +8,8 @@ exist on the estimator before any work starts.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,25 +49,48 @@ def build_estimator(spec: SearchSpec, params: dict[str, Any] | None = None) -> B
     return clone(estimator).set_params(**clone(built, safe=False))
 
 
+_INVALID_PARAMETER = re.compile(r"Invalid parameter '([^']+)'")
+
+
 def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
-    """Set every candidate's params on a clone of the estimator, so unknown parameters fail at plan time."""
+    """Set every candidate's params on a clone of the estimator, so unknown parameters fail at plan time.
+
+    The error names the candidate, the parameter with its value and the param_grid mapping it comes from (a
+    parameter can exist on one swapped-in estimator and not on another).
+    """
     base = build_estimator(spec)
     for candidate in candidates:
-        built = {name: build(value, f"param_grid.{name}", spec.allowed) for name, value in candidate.params.items()}
+        prefix = _grid_path(spec, candidate.index)
+        built = {name: build(value, f"{prefix}.{name}", spec.allowed) for name, value in candidate.params.items()}
         try:
             clone(base).set_params(**clone(built, safe=False))
         except ValueError as error:
-            bad = next((name for name in candidate.params if _message_names(error, name)), "")
+            match = _INVALID_PARAMETER.search(str(error))
+            bad = next((n for n in sorted(candidate.params) if match and n.rsplit("__", 1)[-1] == match[1]), None)
+            setting = f" {bad}={_show_param(candidate.params[bad])}" if bad else ""
             raise SpecError(
-                f"param_grid.{bad}" if bad else "param_grid",
-                f"candidate {candidate.index} ({candidate.label}) cannot be set on the estimator: {error}",
+                f"{prefix}.{bad}" if bad else prefix,
+                f"candidate {candidate.index} ({candidate.label}) cannot set{setting} on the estimator: {error}",
                 "use parameter names the estimator has (step__param for pipeline steps); "
                 "estimator.get_params().keys() lists them.",
             ) from error
 
 
-def _message_names(error: Exception, name: str) -> bool:
-    return repr(name.rsplit("__", 1)[-1]) in str(error)
+def _grid_path(spec: SearchSpec, index: int) -> str:
+    """``param_grid[i]`` for the mapping candidate ``index`` comes from (ParameterGrid walks them in order)."""
+    if len(spec.param_grid) == 1:
+        return "param_grid"
+    end = 0
+    for position, mapping in enumerate(spec.param_grid):
+        end += math.prod(len(values) for values in mapping.values())
+        if index < end:
+            return f"param_grid[{position}]"
+    return "param_grid"
+
+
+def _show_param(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def count_fits(n_candidates: int, n_splits: int) -> int:
@@ -104,12 +129,15 @@ def candidate_key(
 
 
 def candidate_label(params: dict[str, Any]) -> str:
-    """A short label such as ``clf=SVC C=10 kernel=rbf`` (step prefixes dropped, object specs by class name)."""
-    parts = []
-    for name in sorted(params):
-        short = name.rsplit("__", 1)[-1]
-        parts.append(f"{short}={_short_value(params[name])}")
-    return " ".join(parts)
+    """A short label such as ``clf=SVC C=10 kernel=rbf`` (step prefixes dropped, object specs by class name).
+
+    A prefix is kept where dropping it would make two names equal (``pca__n_components``, ``svd__n_components``).
+    """
+    shorts = {name: name.rsplit("__", 1)[-1] for name in params}
+    counts = Counter(shorts.values())
+    return " ".join(
+        f"{shorts[name] if counts[shorts[name]] == 1 else name}={_short_value(params[name])}" for name in sorted(params)
+    )
 
 
 def _short_value(value: Any) -> str:

@@ -71,7 +71,8 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
         "plan_id": plan_id,
         "study": spec.name,
         "spec": spec.raw,
-        "extra_allowed": list(extra_allowed),
+        # Every prefix the spec was validated with, $AIRFLOW_GRID_ALLOWED_TARGETS included: a pod may not carry it.
+        "extra_allowed": list(dict.fromkeys([*spec.allowed, *extra_allowed])),
         "data_fingerprint": data_fingerprint,
         "folds_hash": folds_hash,
         "n_splits": len(folds),
@@ -102,6 +103,9 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
 
 
 def load_plan(uri: str) -> Plan:
-    store = Store(uri.rsplit("/plans/", 1)[0])
-    relative = "plans/" + uri.rsplit("/plans/", 1)[1]
+    root, separator, plan_id = uri.rpartition("/plans/")
+    if not separator:
+        raise ValueError(f"{uri!r} is not a plan URI: expected <store root>/plans/<plan_id>.")
+    store = Store(root)
+    relative = f"plans/{plan_id}"
     return Plan(uri=uri, document=store.read_json(f"{relative}/{PLAN_FILE}"))

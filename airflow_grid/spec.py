@@ -9,6 +9,7 @@ value and says the fix. Validation that needs the estimator (unknown grid parame
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib
 import json
@@ -31,6 +32,8 @@ ALLOWED_TARGETS_ENV = "AIRFLOW_GRID_ALLOWED_TARGETS"
 _ALWAYS_REFUSED_PREFIXES = (
     "builtins.",
     "os.",
+    "posix.",
+    "nt.",
     "sys.",
     "subprocess.",
     "shutil.",
@@ -45,7 +48,7 @@ _ALWAYS_REFUSED_PREFIXES = (
     "joblib.load",
 )
 # Allowed prefixes can still hold functions that touch files: refuse writers and private names.
-_ALWAYS_REFUSED_NAMES = re.compile(r"(^|\.)(_[^.]*|dump[^.]*|clear_data_home|load_svmlight_files?)($|\.)")
+_ALWAYS_REFUSED_NAMES = re.compile(r"(^|\.)(_[^.]*|dump[^.]*|clear_data_home|load_svmlight_files?|load_files)($|\.)")
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
@@ -100,8 +103,17 @@ def _show(value: Any, limit: int = 120) -> str:
 
 def allowed_prefixes(extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The allowlist: sklearn, plus prefixes from the environment and from the caller (deployment config)."""
-    from_env = [p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",") if p.strip()]
-    return (*DEFAULT_ALLOWED_PREFIXES, *from_env, *extra)
+    from_env = [p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",")]
+    return (*DEFAULT_ALLOWED_PREFIXES, *(p for p in (*from_env, *(e.strip() for e in extra)) if p))
+
+
+def _under(target: str, prefix: str) -> bool:
+    """Whether an allowlist prefix covers a target.
+
+    A prefix ending in a dot is a plain string prefix (``sklearn.``); a bare name covers that module and what is
+    inside it, so a deployment allowing ``xgboost`` does not also allow ``xgboost_evil.run``.
+    """
+    return target.startswith(prefix) if prefix.endswith(".") else target == prefix or target.startswith(prefix + ".")
 
 
 def check_target(target: Any, path: str, allowed: Sequence[str]) -> str:
@@ -112,16 +124,24 @@ def check_target(target: Any, path: str, allowed: Sequence[str]) -> str:
             f"_target_ must be a dotted import path, got {_show(target)}.",
             "write the full path of a class or function, e.g. sklearn.svm.SVC.",
         )
-    refused = target.startswith(_ALWAYS_REFUSED_PREFIXES) or _ALWAYS_REFUSED_NAMES.search(target)
-    if refused or not any(target.startswith(prefix) for prefix in allowed):
-        raise SpecError(
-            path,
-            f"_target_ {target!r} is not allowed (allowed prefixes: {', '.join(allowed)}; private names, "
-            "file writers and system modules are always refused).",
-            f"use a public class under an allowed prefix, or have the deployment add its prefix to "
-            f"${ALLOWED_TARGETS_ENV} / [airflow_grid] allowed_targets.",
+    system = next((p for p in _ALWAYS_REFUSED_PREFIXES if target.startswith(p)), None)
+    name = _ALWAYS_REFUSED_NAMES.search(target)
+    fix = "use a public estimator class or function, e.g. sklearn.svm.SVC."
+    if system:
+        reason = f"{system!r} can run code or touch the system, so it is refused even if the deployment allows it"
+    elif name:
+        part = name.group(2)
+        reason = f"{part!r} is private" if part.startswith("_") else f"{part!r} reads or writes files"
+        reason += "; such names are always refused"
+    elif not any(_under(target, prefix) for prefix in allowed):
+        reason = f"it is not under an allowed prefix ({', '.join(allowed)})"
+        fix = (
+            f"use a class under an allowed prefix, e.g. sklearn.svm.SVC; to use another library, the deployment "
+            f"adds its prefix to ${ALLOWED_TARGETS_ENV} (comma-separated, e.g. xgboost.,lightgbm.)."
         )
-    return target
+    else:
+        return target
+    raise SpecError(path, f"_target_ {target!r} is not allowed: {reason}.", fix)
 
 
 def resolve_target(target: str, path: str) -> Any:
@@ -250,7 +270,10 @@ def parse_resources(value: Any) -> Resources:
         raise SpecError("resources", f"got {_show(value)}.", "write resources: {cpu: 1, memory: 2Gi}.")
     unknown = set(value) - {"cpu", "memory"}
     if unknown:
-        raise SpecError(f"resources.{sorted(unknown)[0]}", "unknown field.", "resources takes cpu and memory.")
+        field = sorted(unknown)[0]
+        raise SpecError(
+            f"resources.{field}", f"unknown field (value {_show(value[field])}).", "resources takes cpu and memory."
+        )
     cpu_value = value.get("cpu", 1)
     memory_value = value.get("memory", "2Gi")
     return Resources(
@@ -353,7 +376,13 @@ def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -
     raw = _json_ready(copy.deepcopy(dict(document)))
     unknown = sorted(set(raw) - _KNOWN_FIELDS)
     if unknown:
-        raise SpecError(unknown[0], "unknown field.", f"known fields are: {', '.join(sorted(_KNOWN_FIELDS))}.")
+        close = difflib.get_close_matches(unknown[0], _KNOWN_FIELDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SpecError(
+            unknown[0],
+            f"unknown field (value {_show(raw[unknown[0]])}).",
+            f"{hint}known fields are: {', '.join(sorted(_KNOWN_FIELDS))}.",
+        )
     allowed = allowed_prefixes(extra_allowed)
 
     name = raw.get("name")
@@ -423,12 +452,17 @@ def _parse_data(value: Any, allowed: Sequence[str]) -> dict[str, Any]:
     if isinstance(value, Mapping) and "path" in value:
         unknown = sorted(set(value) - {"path", "target", "format", "columns"})
         if unknown:
-            raise SpecError(f"data.{unknown[0]}", "unknown field.", "data takes path, target, format and columns.")
+            raise SpecError(
+                f"data.{unknown[0]}",
+                f"unknown field (value {_show(value[unknown[0]])}).",
+                "data takes path, target, format and columns.",
+            )
         if not isinstance(value["path"], str) or not value["path"]:
             raise SpecError("data.path", f"got {_show(value['path'])}.", "give a file path or fsspec URL.")
         fmt = value.get("format") or _format_from_path(value["path"])
         if fmt not in ("csv", "parquet", "npz"):
-            raise SpecError("data.format", f"got {_show(fmt)}.", "use csv, parquet or npz (or a path ending so).")
+            problem = f"got {_show(fmt)}." if value.get("format") else f"cannot tell the format of {value['path']!r}."
+            raise SpecError("data.format", problem, "write format: csv, parquet or npz (or use a path ending so).")
         if fmt in ("csv", "parquet") and not isinstance(value.get("target"), str):
             raise SpecError(
                 "data.target",
@@ -457,6 +491,13 @@ def _parse_param_grid(value: Any, allowed: Sequence[str]) -> list[dict[str, list
         grids, single = [value], True
     elif isinstance(value, list) and value and all(isinstance(g, Mapping) for g in value):
         grids, single = value, False
+    elif isinstance(value, list) and value:
+        index, item = next((i, g) for i, g in enumerate(value) if not isinstance(g, Mapping))
+        raise SpecError(
+            f"param_grid[{index}]",
+            f"got {_show(item)}; each item of a param_grid list must be a mapping.",
+            "write each item as {parameter: [values, ...]}.",
+        )
     else:
         raise SpecError(
             "param_grid",
@@ -503,7 +544,7 @@ def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
 
     def check(name: Any, path: str) -> str:
         if not isinstance(name, str) or name not in names:
-            close = sorted(n for n in names if isinstance(name, str) and (name in n or n in name))[:5]
+            close = _close_names(name, names) if isinstance(name, str) else []
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise SpecError(
                 path,
@@ -527,6 +568,16 @@ def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
         f"got {_show(value)}.",
         "give a scorer name, a list of names, or a mapping {metric: scorer-name}.",
     )
+
+
+def _close_names(name: str, names: set[str], limit: int = 4) -> list[str]:
+    """Suggestions for a misspelt scorer: same prefix first, then similar spellings, then substrings."""
+    ranked = [
+        *sorted(n for n in names if n.startswith(name)),
+        *difflib.get_close_matches(name, sorted(names), n=limit, cutoff=0.6),
+        *sorted(n for n in names if name in n or n in name),
+    ]
+    return list(dict.fromkeys(ranked))[:limit]
 
 
 def _parse_refit(value: Any, scoring: str | list[str] | dict[str, str] | None) -> str | bool:
@@ -567,7 +618,11 @@ def _parse_holdout(value: Any) -> Holdout | None:
         raise SpecError("holdout", f"got {_show(value)}.", "write holdout: {test_size: 0.2, random_state: 42}.")
     unknown = sorted(set(value) - {"test_size", "random_state", "stratify"})
     if unknown:
-        raise SpecError(f"holdout.{unknown[0]}", "unknown field.", "holdout takes test_size, random_state, stratify.")
+        raise SpecError(
+            f"holdout.{unknown[0]}",
+            f"unknown field (value {_show(value[unknown[0]])}).",
+            "holdout takes test_size, random_state, stratify.",
+        )
     test_size = value.get("test_size", 0.2)
     valid_fraction = isinstance(test_size, float) and 0 < test_size < 1
     valid_count = isinstance(test_size, int) and not isinstance(test_size, bool) and test_size >= 1

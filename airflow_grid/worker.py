@@ -42,9 +42,11 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
         loaded: tuple[Any, Any, Any] | None = None
+        bad = [index for index in indices if not 0 <= index < len(candidates)]
+        if bad:  # checked before any fit, so a bad index never leaves half the work done
+            shown = ", ".join(map(str, bad))
+            raise BadInput(f"candidate {shown} is out of range: the plan has {len(candidates)} candidates.")
         for index in indices:
-            if not 0 <= index < len(candidates):
-                raise BadInput(f"candidate {index} is out of range: the plan has {len(candidates)} candidates.")
             candidate = candidates[index]
             stored = store.get_result(candidate["key"])
             if stored is not None:
