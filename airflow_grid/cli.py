@@ -152,7 +152,8 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float) -> list[di
                 if process.returncode == 0:
                     done[index] = json.loads(out_path.read_text())["results"][0]
                 else:
-                    failures[index] = output.strip()[-3000:] or f"worker exited with {process.returncode}"
+                    tail = "\n".join(output.strip().splitlines()[-40:])
+                    failures[index] = tail or f"worker exited with {process.returncode}"
                 _progress(len(done) + len(failures), len(candidates), candidates[index], done.get(index))
     if failures:
         details = "\n".join(f"--- candidate {i} ({candidates[i]['label']}):\n{text}" for i, text in failures.items())

@@ -19,6 +19,7 @@ import numpy as np
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS")
 _FAILED_COUNT = re.compile(r"(\d+) fits failed out of a total of (\d+)")
 _ALL_FAILED = re.compile(r"All the (\d+) fits failed")
+_RENAMED_PARAMETER_ERROR = re.compile(r"parameter of cross_validate must be")
 
 
 def budget(cpu: float, n_folds: int) -> tuple[int, int]:
@@ -72,6 +73,9 @@ def evaluate(
                 return_train_score=return_train_score,
             )
         except ValueError as failure:
+            original = _renamed_from(failure) if error_score == "raise" else None
+            if original is not None:
+                raise original from None
             if error_score == "raise" or not _ALL_FAILED.search(str(failure)):
                 raise
             # Every fold failed: cross_validate raises where GridSearchCV records error_score and moves on.
@@ -97,6 +101,18 @@ def evaluate(
     if return_train_score:
         result["train_scores"] = {m: _floats(scores["train_score" if prefix else f"train_{m}"]) for m in metric_names}
     return result
+
+
+def _renamed_from(failure: ValueError) -> BaseException | None:
+    """The estimator's own error when cross_validate re-raised it under its name.
+
+    cross_validate turns an estimator's InvalidParameterError into "The 'gamma' parameter of cross_validate must
+    be ...", naming a function the user never called; GridSearchCV raises the estimator's ("... of SVC must be").
+    """
+    cause = failure.__cause__
+    if _RENAMED_PARAMETER_ERROR.search(str(failure)) and type(cause) is type(failure):
+        return cause
+    return None
 
 
 def _all_failed_scores(
