@@ -26,6 +26,15 @@ from fsspec.implementations.local import LocalFileSystem
 STORE_ENV = "AIRFLOW_GRID_STORE"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def default_root() -> str:
     """``$AIRFLOW_GRID_STORE``, else ``$AIRFLOW_HOME/airflow_grid`` (``~/airflow`` as Airflow defaults)."""
     if os.environ.get(STORE_ENV):
@@ -69,6 +78,7 @@ class Store:
             try:
                 with os.fdopen(handle, "wb") as out:
                     out.write(payload)
+                os.chmod(temporary, _FILE_MODE)  # mkstemp makes 0600; pods running as another user must read it
                 os.replace(temporary, path)
             except BaseException:
                 if os.path.exists(temporary):

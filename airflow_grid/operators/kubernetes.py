@@ -1,0 +1,231 @@
+"""Evaluate operator, Kubernetes backend: one mapped item's candidates in a hardened pod with limits.
+
+The subclass only sets what is ours - the worker's command and arguments, requests = limits from the spec (so the
+pod gets Guaranteed QoS), thread caps and n_jobs derived from the CPU limit, identifying labels, the xcom
+sidecar, a hardened security context and the store volume. Pod lifecycle stays KubernetesPodOperator's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import Context
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from kubernetes.client import models as k8s
+
+from airflow_grid.cv import budget, thread_env
+from airflow_grid.spec import parse_cpu, parse_memory
+from airflow_grid.worker import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, XCOM_RETURN_PATH
+
+WORKER_UID = 10001
+SCRATCH = "/tmp"
+
+
+@dataclass(frozen=True)
+class StoreVolume:
+    """How pods reach the plan snapshot and the result store: a volume mounted at the store root's path.
+
+    ``claim_name`` mounts a PersistentVolumeClaim (production, ReadWriteMany); ``host_path`` a node directory
+    (single-node tests). With neither, the store root must be an fsspec URL the pod can reach (object storage).
+    """
+
+    mount_path: str
+    claim_name: str | None = None
+    host_path: str | None = None
+    read_only: bool = False
+
+    def volume(self) -> k8s.V1Volume:
+        if self.claim_name:
+            source = {"persistent_volume_claim": k8s.V1PersistentVolumeClaimVolumeSource(claim_name=self.claim_name)}
+        else:
+            source = {"host_path": k8s.V1HostPathVolumeSource(path=self.host_path or self.mount_path, type="Directory")}
+        return k8s.V1Volume(name="airflow-grid-store", **source)
+
+    def mount(self) -> k8s.V1VolumeMount:
+        return k8s.V1VolumeMount(name="airflow-grid-store", mount_path=self.mount_path, read_only=self.read_only)
+
+
+def label_value(text: str) -> str:
+    """A Kubernetes label value: at most 63 of [A-Za-z0-9-_.], starting and ending alphanumeric."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63].strip("-_.")
+    return cleaned or "none"
+
+
+def pod_security_context() -> k8s.V1PodSecurityContext:
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=WORKER_UID,
+        run_as_group=WORKER_UID,
+        fs_group=WORKER_UID,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def container_security_context() -> k8s.V1SecurityContext:
+    return k8s.V1SecurityContext(
+        run_as_non_root=True,
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"]),
+    )
+
+
+class KubernetesEvaluateOperator(KubernetesPodOperator):
+    """Evaluate the candidates of one mapped item in a pod; the worker's result comes back through the sidecar.
+
+    ``candidate`` is a plan item (``plan_uri``, ``indices``, ``label``, ``cpu``, ``memory``). The pod needs no
+    Airflow or MLflow credentials: it reads the plan from the store and writes its result to the store and to
+    ``/airflow/xcom/return.json``. An OOMKilled container is reported with its limit; with
+    ``memory_retry_factor`` > 1 each retry asks for that much more memory, up to ``memory_cap``.
+    """
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "candidate")
+
+    def __init__(
+        self,
+        *,
+        candidate: dict[str, Any],
+        worker_command: Sequence[str] = ("python", "-m", "airflow_grid.worker"),
+        store_volume: StoreVolume | None = None,
+        extra_volumes: Sequence[tuple[k8s.V1Volume, k8s.V1VolumeMount]] = (),
+        memory_retry_factor: float = 1.0,
+        memory_cap: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.candidate = candidate
+        self.memory_retry_factor = memory_retry_factor
+        self.memory_cap = memory_cap
+        cpu = parse_cpu(candidate["cpu"], "resources.cpu")
+        memory = parse_memory(candidate["memory"], "resources.memory")
+        n_jobs, threads = budget(cpu, 1 << 16)
+        arguments = ["evaluate", "--plan", candidate["plan_uri"]]
+        for index in candidate["indices"]:
+            arguments += ["--candidate", str(index)]
+        arguments += ["--out", XCOM_RETURN_PATH]
+        quantities = {"cpu": str(candidate["cpu"]), "memory": str(candidate["memory"])}
+        volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())]
+        mounts = [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)]
+        if store_volume is not None:
+            volumes.append(store_volume.volume())
+            mounts.append(store_volume.mount())
+        for volume, mount in extra_volumes:
+            volumes.append(volume)
+            mounts.append(mount)
+        env = {
+            **thread_env(threads),
+            "AIRFLOW_GRID_CPU": str(candidate["cpu"]),
+            "AIRFLOW_GRID_N_JOBS": str(n_jobs),
+            "AIRFLOW_GRID_MEMORY_BYTES": str(memory),
+            "TMPDIR": SCRATCH,
+            "JOBLIB_TEMP_FOLDER": SCRATCH,
+            "HOME": SCRATCH,
+        }
+        plan_id = candidate["plan_uri"].rstrip("/").rsplit("/", 1)[-1]
+        labels = {
+            "app.kubernetes.io/name": "airflow-grid",
+            "airflow-grid/plan": label_value(plan_id),
+            "airflow-grid/candidate": label_value("-".join(map(str, candidate["indices"]))),
+            **(kwargs.pop("labels", None) or {}),
+        }
+        kwargs.setdefault("name", "airflow-grid-evaluate")
+        kwargs.setdefault("on_finish_action", "delete_pod")
+        kwargs.setdefault("get_logs", True)
+        super().__init__(
+            cmds=list(worker_command),
+            arguments=arguments,
+            container_resources=k8s.V1ResourceRequirements(requests=quantities, limits=dict(quantities)),
+            env_vars={**env, **_env_dict(kwargs.pop("env_vars", None))},
+            labels=labels,
+            annotations={"airflow-grid/candidate-label": candidate.get("label", "")[:1000]},
+            volumes=[*volumes, *(kwargs.pop("volumes", None) or [])],
+            volume_mounts=[*mounts, *(kwargs.pop("volume_mounts", None) or [])],
+            security_context=kwargs.pop("security_context", None) or pod_security_context(),
+            container_security_context=kwargs.pop("container_security_context", None) or container_security_context(),
+            automount_service_account_token=False,
+            do_xcom_push=True,
+            **kwargs,
+        )
+
+    def execute(self, context: Context) -> Any:
+        self._raise_memory_for_retry(context)
+        return super().execute(context)
+
+    def _raise_memory_for_retry(self, context: Context) -> None:
+        """On a retry after an OOM kill, ask for ``memory_retry_factor``x more memory per try, up to the cap."""
+        tries = int(getattr(context["ti"], "try_number", 1) or 1)
+        if self.memory_retry_factor <= 1 or tries <= 1:
+            return
+        base = parse_memory(self.candidate["memory"], "resources.memory")
+        cap = parse_memory(self.memory_cap, "memory_cap") if self.memory_cap else base * 4
+        raised = min(cap, int(base * self.memory_retry_factor ** (tries - 1)))
+        quantity = str(raised)
+        resources = self.container_resources
+        if resources is not None:
+            resources.limits = {**(resources.limits or {}), "memory": quantity}
+            resources.requests = {**(resources.requests or {}), "memory": quantity}
+        self.log.info(
+            "Try %d: memory raised from %s to %d bytes (cap %d).", tries, self.candidate["memory"], raised, cap
+        )
+
+    def cleanup(
+        self,
+        pod: k8s.V1Pod,
+        remote_pod: k8s.V1Pod,
+        xcom_result: dict[str, Any] | None = None,
+        context: Context | None = None,
+    ) -> None:
+        """Name the reason (OOMKilled with its limit, Evicted) and the worker's exit code when the pod failed."""
+        try:
+            super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+        except AirflowException as error:
+            reason = describe_failure(remote_pod)
+            if reason.get("exit_code") == EXIT_BAD_INPUT:
+                raise AirflowFailException(f"worker refused its input: {error}") from error
+            if reason:
+                self.log.error("Candidate %s failed: %s", self.candidate.get("label"), reason)
+                raise AirflowException(f"{reason['message']} ({self.candidate.get('label')})") from error
+            raise
+
+
+def describe_failure(pod: k8s.V1Pod | None) -> dict[str, Any]:
+    """Why the base container of a finished pod failed: OOMKilled (with the limit), evicted, or its exit code."""
+    if pod is None or pod.status is None:
+        return {}
+    if (pod.status.reason or "") == "Evicted":
+        return {"reason": "Evicted", "message": f"pod was evicted: {pod.status.message}"}
+    limit = None
+    for container in pod.spec.containers if pod.spec else []:
+        if container.name == "base" and container.resources and container.resources.limits:
+            limit = container.resources.limits.get("memory")
+    for status in pod.status.container_statuses or []:
+        if status.name != "base" or status.state is None or status.state.terminated is None:
+            continue
+        terminated = status.state.terminated
+        if terminated.reason == "OOMKilled":
+            return {
+                "reason": "OOMKilled",
+                "memory_limit": limit,
+                "exit_code": terminated.exit_code,
+                "message": f"OOMKilled: the worker exceeded its memory limit of {limit}",
+            }
+        if terminated.exit_code == EXIT_OUT_OF_MEMORY:
+            return {"reason": "OutOfMemory", "exit_code": terminated.exit_code, "message": "worker ran out of memory"}
+        if terminated.exit_code:
+            return {
+                "reason": terminated.reason or "Error",
+                "exit_code": terminated.exit_code,
+                "message": f"worker exited with {terminated.exit_code} ({terminated.reason})",
+            }
+    return {}
+
+
+def _env_dict(value: Any) -> dict[str, str]:
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    return {item.name: item.value for item in value}
