@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import DAG, Asset, Param, XComArg
+from airflow.sdk import DAG, Asset, Param, TriggerRule, XComArg, task
 
 from airflow_grid.operators.evaluate import MAP_INDEX_TEMPLATE, LocalEvaluateOperator
+from airflow_grid.operators.kubernetes import KubernetesBackend, KubernetesEvaluateOperator
 from airflow_grid.operators.plan import DEFAULT_POOL, PlanGridSearchOperator
 from airflow_grid.operators.refit import RefitWinnerOperator
 from airflow_grid.operators.select import SelectWinnerOperator
@@ -54,6 +55,12 @@ def search_params() -> dict[str, Param]:
     }  # fmt: skip
 
 
+@task(multiple_outputs=False)
+def candidates_for(items: Any, backend: str) -> list[dict[str, Any]]:
+    """The plan items one backend runs (Airflow cannot map over a filtered XCom, so this small task filters)."""
+    return [item for item in items if item["backend"] == backend]
+
+
 def grid_search_dag(
     dag_id: str,
     spec_path: str | Path,
@@ -68,10 +75,15 @@ def grid_search_dag(
     retries: int = 2,
     spec_dirs: Sequence[str] = (),
     extra_allowed: Sequence[str] = (),
+    kubernetes: KubernetesBackend | None = None,
     tags: Sequence[str] = (),
     doc_md: str | None = None,
 ) -> DAG:
-    """A grid-search DAG over ``spec_path``: each evaluate task takes ``ceil(cpu)`` slots of ``pool``."""
+    """A grid-search DAG over ``spec_path``: each evaluate task takes ``ceil(cpu)`` slots of ``pool``.
+
+    With ``kubernetes``, the DAG also has ``evaluate_kubernetes`` (one pod per task); the spec's ``backend`` (or
+    the ``backend`` param) picks which of the two runs, and the other is skipped.
+    """
     slots = max(1, math.ceil(cpu))
     with DAG(
         dag_id=dag_id,
@@ -92,13 +104,36 @@ def grid_search_dag(
             pool_slots_per_candidate=slots,
             spec_dirs=spec_dirs,
             extra_allowed=extra_allowed,
+            backends=("local", "kubernetes") if kubernetes is not None else ("local",),
             retries=0,
         )
-        evaluate = LocalEvaluateOperator.partial(
-            task_id="evaluate", pool=pool, pool_slots=slots, map_index_template=MAP_INDEX_TEMPLATE
-        ).expand(candidate=plan.output)
+        local_items: Any = plan.output
+        if kubernetes is not None:  # the spec's backend picks one task; the other maps over [] and is skipped
+            local_items = candidates_for.override(task_id="local_candidates")(plan.output, "local")
+        evaluated = [
+            LocalEvaluateOperator.partial(
+                task_id="evaluate", pool=pool, pool_slots=slots, map_index_template=MAP_INDEX_TEMPLATE
+            )
+            .expand(candidate=local_items)
+            .output
+        ]
+        if kubernetes is not None:
+            evaluated.append(
+                KubernetesEvaluateOperator.partial(
+                    task_id="evaluate_kubernetes",
+                    pool=pool,
+                    pool_slots=slots,
+                    map_index_template=MAP_INDEX_TEMPLATE,
+                    **kubernetes.operator_kwargs(),
+                )
+                .expand(candidate=candidates_for.override(task_id="kubernetes_candidates")(plan.output, "kubernetes"))
+                .output
+            )
         select = SelectWinnerOperator(
-            task_id="select", evaluated=evaluate.output, plan_summary=XComArg(plan, key="plan")
+            task_id="select",
+            evaluated=evaluated,
+            plan_summary=XComArg(plan, key="plan"),
+            trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS,  # the unused backend's task is skipped
         )
         if refit_dag_id:
             select >> TriggerDagRunOperator(

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from airflow_grid.dag_factory import grid_search_dag
+from airflow_grid.operators.kubernetes import KubernetesBackend
 
 dag = grid_search_dag(
     "grid_search_nightly",
@@ -15,5 +16,6 @@ dag = grid_search_dag(
     schedule="0 2 * * *",
     start_date=datetime(2026, 11, 1),
     catchup=False,  # backfills: airflow backfill create --dag-id grid_search_nightly --from-date ... --to-date ...
+    kubernetes=KubernetesBackend.from_env(),  # backend: kubernetes runs candidates in pods (AIRFLOW_GRID_K8S_*)
     doc_md=__doc__,
 )

@@ -7,8 +7,9 @@ sidecar, a hardened security context and the store volume. Pod lifecycle stays K
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,3 +230,89 @@ def _env_dict(value: Any) -> dict[str, str]:
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
     return {item.name: item.value for item in value}
+
+
+@dataclass(frozen=True)
+class KubernetesBackend:
+    """Where and how evaluate pods run; one per DAG (image, namespace, connection, scheduling, store volume)."""
+
+    image: str
+    namespace: str = "default"
+    kubernetes_conn_id: str = "kubernetes_default"
+    config_file: str | None = None
+    in_cluster: bool | None = None
+    image_pull_policy: str | None = None
+    service_account_name: str | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: tuple[k8s.V1Toleration, ...] = ()
+    worker_command: tuple[str, ...] = ("python", "-m", "airflow_grid.worker")
+    store_volume: StoreVolume | None = None
+    host_mounts: tuple[str, ...] = ()
+    deferrable: bool = False
+    on_finish_action: str = "delete_pod"
+    memory_retry_factor: float = 1.0
+    memory_cap: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> KubernetesBackend:
+        """Configuration from ``AIRFLOW_GRID_K8S_*`` variables (read at parse time; no connection is read).
+
+        ``AIRFLOW_GRID_K8S_HOST_MOUNTS`` (comma-separated paths mounted read-only at the same path) exists for
+        single-node test clusters that run the host's virtualenv in a plain image; production uses the image.
+        """
+        env = os.environ if environ is None else environ
+        store_root = env.get("AIRFLOW_GRID_K8S_STORE_PATH") or None
+        store_volume = None
+        if store_root:
+            store_volume = StoreVolume(
+                mount_path=store_root,
+                claim_name=env.get("AIRFLOW_GRID_K8S_STORE_CLAIM") or None,
+                host_path=env.get("AIRFLOW_GRID_K8S_STORE_HOST_PATH") or None,
+            )
+        command = env.get("AIRFLOW_GRID_K8S_WORKER_COMMAND")
+        return cls(
+            image=env.get("AIRFLOW_GRID_K8S_IMAGE", "airflow-grid-worker:0.1.0"),
+            namespace=env.get("AIRFLOW_GRID_K8S_NAMESPACE", "default"),
+            kubernetes_conn_id=env.get("AIRFLOW_GRID_K8S_CONN_ID", "kubernetes_default"),
+            config_file=env.get("AIRFLOW_GRID_K8S_CONFIG_FILE") or None,
+            image_pull_policy=env.get("AIRFLOW_GRID_K8S_IMAGE_PULL_POLICY") or None,
+            service_account_name=env.get("AIRFLOW_GRID_K8S_SERVICE_ACCOUNT") or None,
+            worker_command=tuple(command.split()) if command else cls.worker_command,
+            store_volume=store_volume,
+            host_mounts=tuple(p for p in env.get("AIRFLOW_GRID_K8S_HOST_MOUNTS", "").split(",") if p),
+            deferrable=env.get("AIRFLOW_GRID_K8S_DEFERRABLE", "false").lower() == "true",
+            memory_retry_factor=float(env.get("AIRFLOW_GRID_K8S_MEMORY_RETRY_FACTOR", "1")),
+            memory_cap=env.get("AIRFLOW_GRID_K8S_MEMORY_CAP") or None,
+        )
+
+    def operator_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`KubernetesEvaluateOperator` (``.partial(**kwargs)``)."""
+        mounts = tuple(
+            (
+                k8s.V1Volume(name=f"host-{i}", host_path=k8s.V1HostPathVolumeSource(path=path, type="Directory")),
+                k8s.V1VolumeMount(name=f"host-{i}", mount_path=path, read_only=True),
+            )
+            for i, path in enumerate(self.host_mounts)
+        )
+        kwargs: dict[str, Any] = {
+            "image": self.image,
+            "namespace": self.namespace,
+            "kubernetes_conn_id": self.kubernetes_conn_id,
+            "worker_command": self.worker_command,
+            "store_volume": self.store_volume,
+            "extra_volumes": mounts,
+            "deferrable": self.deferrable,
+            "on_finish_action": self.on_finish_action,
+            "memory_retry_factor": self.memory_retry_factor,
+            "memory_cap": self.memory_cap,
+        }
+        optional = {
+            "config_file": self.config_file,
+            "in_cluster": self.in_cluster,
+            "image_pull_policy": self.image_pull_policy,
+            "service_account_name": self.service_account_name,
+            "node_selector": self.node_selector,
+            "tolerations": list(self.tolerations) or None,
+        }
+        kwargs.update({k: v for k, v in optional.items() if v is not None})
+        return kwargs

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_grid import overrides
 from airflow_grid.plan import make_plan
-from airflow_grid.spec import SpecError, parse_spec
+from airflow_grid.spec import SearchSpec, SpecError, parse_spec
 from airflow_grid.store import Store
 
 DEFAULT_POOL = "grid_fits"
@@ -21,9 +21,9 @@ DEFAULT_POOL = "grid_fits"
 class PlanGridSearchOperator(BaseOperator):
     """Validate the spec, resolve the dataset version, snapshot data and folds, and return the candidates.
 
-    Returns one item per evaluate task: ``{"plan_uri", "indices", "label"}`` (one candidate per task, or with the
-    ``max_parallel`` param, candidates dealt into at most that many tasks). A bad spec, a missing pool, or a grid
-    over the budget fails here, without retries, before any candidate runs.
+    Returns one item per evaluate task, ``{"plan_uri", "indices", "label", "cpu", "memory", "backend"}``: one
+    candidate per task, or with the ``max_parallel`` param candidates dealt into at most that many tasks. A bad
+    spec, a missing pool, or a grid over the budget fails here, without retries, before any candidate runs.
     """
 
     template_fields: Sequence[str] = ("spec_path", "store")
@@ -38,9 +38,11 @@ class PlanGridSearchOperator(BaseOperator):
         pool_slots_per_candidate: int = 1,
         spec_dirs: Sequence[str] = (),
         extra_allowed: Sequence[str] = (),
+        backends: Sequence[str] = ("local",),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.backends = tuple(backends)
         self.spec_path = spec_path
         self.store = store
         self.grid_pool = grid_pool
@@ -62,8 +64,7 @@ class PlanGridSearchOperator(BaseOperator):
             document["data"] = {**data, "path": rendered}
         try:
             spec = parse_spec(document, self.extra_allowed)
-            if spec.backend != "local":
-                raise SpecError("backend", f"got {spec.backend!r}; this DAG runs the local backend.", "use local.")
+            self._check_backend(spec)
             if math.ceil(spec.resources.cpu) > self.pool_slots_per_candidate:
                 raise SpecError(
                     "resources.cpu",
@@ -94,21 +95,38 @@ class PlanGridSearchOperator(BaseOperator):
             "overrides": applied,
         }
         context["ti"].xcom_push(key="plan", value=summary)
-        self.log.info(
-            "Planned %s: %d candidates x %d folds = %d fits in %d tasks; dataset version %s (from %s); overrides %s",
-            spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(groups), version, source,
-            applied or "none",
-        )  # fmt: skip
-        return [
+        items = [
             {
                 "plan_uri": plan.uri,
                 "indices": group,
                 "label": " | ".join(candidates[i]["label"] for i in group),
                 "cpu": spec.resources.cpu_text,
                 "memory": spec.resources.memory_text,
+                "backend": spec.backend,
             }
             for group in groups
         ]
+        self.log.info(
+            "Planned %s: %d candidates x %d folds = %d fits in %d tasks; dataset version %s (from %s); overrides %s",
+            spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(groups), version, source,
+            applied or "none",
+        )  # fmt: skip
+        return items
+
+    def _check_backend(self, spec: SearchSpec) -> None:
+        if spec.backend not in self.backends:
+            raise SpecError(
+                "backend",
+                f"got {spec.backend!r}; this DAG has the {', '.join(self.backends)} backend(s).",
+                f"use one of {list(self.backends)}, or build the DAG with a KubernetesBackend.",
+            )
+        given = spec.raw.get("resources") or {}
+        if spec.backend == "kubernetes" and not ("cpu" in given and "memory" in given):
+            raise SpecError(
+                "resources",
+                f"got {given!r}; the kubernetes backend needs explicit CPU and memory limits for every pod.",
+                "write resources: {cpu: 1, memory: 2Gi}.",
+            )
 
     def _check_spec_path(self, requested: str | None) -> None:
         """UI conf is untrusted: ``spec_path`` may only name a file inside the DAG's spec directories."""

@@ -17,7 +17,8 @@ from airflow_grid.store import Store
 class SelectWinnerOperator(BaseOperator):
     """Reduce the evaluate results to cv_results_ (identical to GridSearchCV's) and log the study to MLflow.
 
-    ``evaluated`` is the mapped evaluate task's output; it is read with one slice request. The parent MLflow run
+    ``evaluated`` is the list of the mapped evaluate tasks' outputs (one per backend); each is read with one slice
+    request, and a skipped backend contributes nothing. The parent MLflow run
     is found again by (dag_id, run_id) tags, so a retry or a rerun never duplicates it. Returns the JSON-ready
     conf for the refit DAG.
     """
@@ -38,7 +39,7 @@ class SelectWinnerOperator(BaseOperator):
         self.max_child_runs = max_child_runs
 
     def execute(self, context: Context) -> dict[str, Any]:
-        payloads = self.evaluated[:] if hasattr(self.evaluated, "__getitem__") else list(self.evaluated)
+        payloads = [payload for output in self.evaluated for payload in _all(output)]
         summary = self.plan_summary
         plan = load_plan(summary["plan_uri"])
         spec = plan.spec
@@ -105,3 +106,11 @@ class SelectWinnerOperator(BaseOperator):
             "dataset_version": summary["dataset_version"],
             "results_uri": store.url(study_dir),
         }
+
+
+def _all(output: Any) -> list[Any]:
+    """Every item of a mapped task's output in one request (``[:]``); nothing for a skipped or empty task."""
+    if output is None:
+        return []
+    items = output[:] if hasattr(output, "__getitem__") else list(output)
+    return [item for item in items if item is not None]
