@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,43 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={score:.4f}")
         print(f"model: {outcome['model_path']}")
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def render_command(args: argparse.Namespace) -> int:
+    """Print the evaluate pods the DAG would create for this spec, validated offline against Kubernetes schemas."""
+    import yaml
+
+    from airflow_grid.operators.kubernetes import KubernetesBackend, render_pod_manifests, validate_manifest
+
+    spec = parse_spec(load_spec_file(args.spec))
+    given = spec.raw.get("resources") or {}
+    if not ("cpu" in given and "memory" in given):
+        raise SpecError(
+            "resources", f"got {given!r}; pods need explicit limits.", "write resources: {cpu: 1, memory: 2Gi}."
+        )
+    plan = make_plan(spec, Store(args.store))
+    backend = KubernetesBackend.from_env()
+    if args.image:
+        backend = replace(backend, image=args.image)
+    if args.namespace:
+        backend = replace(backend, namespace=args.namespace)
+    items = [
+        {
+            "plan_uri": plan.uri,
+            "indices": [c["index"]],
+            "label": c["label"],
+            "cpu": spec.resources.cpu_text,
+            "memory": spec.resources.memory_text,
+            "backend": "kubernetes",
+        }
+        for c in plan.candidates
+    ]
+    manifests = render_pod_manifests(items, backend)
+    for manifest in manifests:
+        validate_manifest(manifest)
+    print(yaml.safe_dump_all(manifests, sort_keys=False), end="")
+    print(f"# {len(manifests)} pod manifests, valid against the Kubernetes schemas (strict)", file=sys.stderr)
     return 0
 
 
@@ -209,9 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", required=True, help="output directory")
     run.add_argument("--parallel", type=int, default=None, help="candidates at a time (default: CPUs / cpu each)")
     run.add_argument("--no-refit", action="store_true", help="skip refitting the winner")
+    render = commands.add_parser("render", help="print the evaluate pod manifests, validated offline")
+    render.add_argument("spec")
+    render.add_argument("--image", help="worker image (default $AIRFLOW_GRID_K8S_IMAGE)")
+    render.add_argument("--namespace", help="namespace (default $AIRFLOW_GRID_K8S_NAMESPACE or default)")
     args = parser.parse_args(argv)
     try:
-        return plan_command(args) if args.command == "plan" else run_command(args)
+        commands_by_name = {"plan": plan_command, "run": run_command, "render": render_command}
+        return commands_by_name[args.command](args)
     except SpecError as error:
         print(f"airflow-grid: invalid spec: {error}", file=sys.stderr)
         return 2

@@ -146,6 +146,8 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
             volume_mounts=[*mounts, *(kwargs.pop("volume_mounts", None) or [])],
             security_context=kwargs.pop("security_context", None) or pod_security_context(),
             container_security_context=kwargs.pop("container_security_context", None) or container_security_context(),
+            xcom_sidecar_container_security_context=kwargs.pop("xcom_sidecar_container_security_context", None)
+            or container_security_context(),
             automount_service_account_token=False,
             do_xcom_push=True,
             **kwargs,
@@ -316,3 +318,45 @@ class KubernetesBackend:
         }
         kwargs.update({k: v for k, v in optional.items() if v is not None})
         return kwargs
+
+
+VALIDATION_SCHEMA_VERSION = "1.25"  # the oldest kubernetes-validate ships; the fields used here exist since 1.19
+
+
+def render_pod_manifests(items: Sequence[dict[str, Any]], backend: KubernetesBackend) -> list[dict[str, Any]]:
+    """The pod manifests the DAG's evaluate_kubernetes task would create for these plan items (no cluster)."""
+    from types import SimpleNamespace
+
+    from kubernetes.client import ApiClient
+
+    manifests = []
+    for map_index, item in enumerate(items):
+        operator = KubernetesEvaluateOperator(
+            task_id="evaluate_kubernetes", candidate=item, **backend.operator_kwargs()
+        )
+        ti = SimpleNamespace(
+            dag_id="grid_search", task_id="evaluate_kubernetes", map_index=map_index, try_number=1, run_id="render"
+        )
+        context: Any = {"ti": ti, "run_id": "render", "dag": SimpleNamespace(dag_id="grid_search")}
+        pod = operator.build_pod_request_obj(context, dry_run=True)
+        manifest: dict[str, Any] = ApiClient().sanitize_for_serialization(pod)
+        manifest.setdefault("apiVersion", "v1")
+        manifest.setdefault("kind", "Pod")
+        manifests.append(manifest)
+    return manifests
+
+
+def validate_manifest(manifest: dict[str, Any]) -> None:
+    """Validate against the official schema (strict: unknown fields fail) plus what the schema cannot see."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(manifest, VALIDATION_SCHEMA_VERSION, strict=True)
+    for container in manifest["spec"]["containers"]:
+        if container["name"] != "base":
+            continue
+        resources = container.get("resources") or {}
+        limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+        if set(limits) != {"cpu", "memory"} or limits != requests:
+            raise ValueError(
+                f"container base: resources must set cpu and memory with requests = limits, got {resources}"
+            )
