@@ -51,9 +51,10 @@ def experiment_id(mlflow_client: Any, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (airflow_home() / "mlflow-artifacts" / name).as_uri()
+    location = None  # a tracking server decides where artifacts go
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):  # otherwise MLflow would use ./mlruns under whatever directory the task runs in
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts" / name).as_uri()
     return str(mlflow_client.create_experiment(name, artifact_location=location))
 
 

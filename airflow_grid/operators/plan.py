@@ -59,6 +59,13 @@ class PlanGridSearchOperator(BaseOperator):
         version, source = overrides.dataset_version(params, extras, context.get("logical_date"))
         data = document.get("data")
         if isinstance(data, dict) and isinstance(data.get("path"), str):
+            if version is None and "dataset_version" in data["path"]:
+                # The fingerprint fallback needs the data loaded: it cannot choose the file (it would read "None").
+                raise AirflowFailException(
+                    f"data.path {data['path']!r} depends on dataset_version, but this run has none (no "
+                    "dataset_version param, no asset event with extra.dataset_version, no logical date). Fix: "
+                    'trigger with conf {"dataset_version": "<version>"}.'
+                )
             jinja_context: Any = {**context, "dataset_version": version}
             rendered = self.render_template(data["path"], jinja_context)
             document["data"] = {**data, "path": rendered}
