@@ -30,12 +30,16 @@ def child_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+PER_PROCESS = ["1"]
+
+
 def run_ours(spec_path: str, parallel: int) -> tuple[float, float, dict[str, list[float]]]:
     with tempfile.TemporaryDirectory() as scratch:
         cpu_before, started = child_cpu_seconds(), time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "airflow_grid.cli", "--store", f"{scratch}/store", "run", spec_path,
-             "--out", f"{scratch}/out", "--parallel", str(parallel), "--no-refit"],
+             "--out", f"{scratch}/out", "--parallel", str(parallel), "--no-refit",
+             "--candidates-per-process", PER_PROCESS[0]],
             check=True, capture_output=True,
         )  # fmt: skip
         wall, cpu = time.perf_counter() - started, child_cpu_seconds() - cpu_before
@@ -74,7 +78,9 @@ def main() -> None:
     parser.add_argument("spec")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--candidates-per-process", default="1")
     args = parser.parse_args()
+    PER_PROCESS[0] = args.candidates_per_process
     ratios = []
     for repeat in range(args.repeats):
         sides = [("airflow-grid run", run_ours), ("GridSearchCV", run_sklearn)]

@@ -498,10 +498,10 @@ def write_spec(tmp_path: Path, name: str, document: dict[str, Any]) -> Path:
     return path
 
 
-def run_cli(tmp_path: Path, spec_path: Path, out_name: str = "out") -> Run:
+def run_cli(tmp_path: Path, spec_path: Path, out_name: str = "out", *extra: str) -> Run:
     out = tmp_path / out_name
     command = [sys.executable, "-m", "airflow_grid.cli", "--store", str(tmp_path / "store"), "run", str(spec_path)]
-    completed = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    completed = subprocess.run([*command, "--out", str(out), *extra], capture_output=True, text=True, timeout=300)
     return Run(completed=completed, out=out)
 
 
@@ -614,6 +614,17 @@ def test_run_matches_gridsearchcv(
     if ref.n_failed:  # the case really exercises failures on the sklearn side too
         assert any(issubclass(w.category, FitFailedWarning) for w in fitted.warnings)
     assert_equivalent(run, fitted, ref)
+
+
+def test_several_candidates_per_process_match_gridsearchcv(tmp_path: Path) -> None:
+    """Sharing a worker process between candidates (to amortise imports) changes no score."""
+    spec, reference = CASES["pipeline-estimator-swap-passthrough"]
+    assert not callable(spec)
+    run = run_cli(tmp_path, write_spec(tmp_path, "chunked", spec), "out", "--candidates-per-process", "3")
+    _check_ok(run)
+    assert "0 from store" in run.completed.stdout
+    ref = reference(tmp_path)
+    assert_equivalent(run, fit_reference(ref), ref)
 
 
 def _sorted_sets(text: str) -> str:

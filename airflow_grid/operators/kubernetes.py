@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
@@ -24,6 +26,10 @@ from airflow_grid.worker import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, XCOM_RETURN_
 
 WORKER_UID = 10001
 SCRATCH = "/tmp"
+MEMORY_ENV = "AIRFLOW_GRID_MEMORY_BYTES"
+# KPO gives the xcom sidecar requests only (cpu 1m, memory 10Mi), which makes the whole pod Burstable; with limits =
+# requests on every container it is Guaranteed. 50m: exec'd `cat`/`kill` run throttled in the sidecar's cgroup.
+XCOM_SIDECAR_RESOURCES = {"cpu": "50m", "memory": "32Mi"}
 
 
 @dataclass(frozen=True)
@@ -120,7 +126,7 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
             **thread_env(threads),
             "AIRFLOW_GRID_CPU": str(candidate["cpu"]),
             "AIRFLOW_GRID_N_JOBS": str(n_jobs),
-            "AIRFLOW_GRID_MEMORY_BYTES": str(memory),
+            MEMORY_ENV: str(memory),
             "TMPDIR": SCRATCH,
             "JOBLIB_TEMP_FOLDER": SCRATCH,
             "HOME": SCRATCH,
@@ -157,6 +163,18 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
         self._raise_memory_for_retry(context)
         return super().execute(context)
 
+    def build_pod_request_obj(self, context: Context | None = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """KPO's pod, with limits = requests on the xcom sidecar too (unless the connection set its limits)."""
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        for container in pod.spec.containers:
+            given = container.resources  # V1ResourceRequirements, or a dict from the connection extra
+            limits = given.get("limits") if isinstance(given, dict) else getattr(given, "limits", None)
+            if container.name == PodDefaults.SIDECAR_CONTAINER_NAME and not limits:
+                container.resources = k8s.V1ResourceRequirements(
+                    requests=dict(XCOM_SIDECAR_RESOURCES), limits=dict(XCOM_SIDECAR_RESOURCES)
+                )
+        return pod
+
     def _raise_memory_for_retry(self, context: Context) -> None:
         """On a retry after an OOM kill, ask for ``memory_retry_factor``x more memory per try, up to the cap."""
         tries = int(getattr(context["ti"], "try_number", 1) or 1)
@@ -170,6 +188,11 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
         if resources is not None:
             resources.limits = {**(resources.limits or {}), "memory": quantity}
             resources.requests = {**(resources.requests or {}), "memory": quantity}
+        if isinstance(self.env_vars, dict):  # not rendered yet
+            self.env_vars[MEMORY_ENV] = quantity
+        for variable in self.env_vars if isinstance(self.env_vars, list) else []:
+            if variable.name == MEMORY_ENV:  # the pod's own view of its limit follows the raised one
+                variable.value = quantity
         self.log.info(
             "Try %d: memory raised from %s to %d bytes (cap %d).", tries, self.candidate["memory"], raised, cap
         )
@@ -279,7 +302,7 @@ class KubernetesBackend:
             config_file=env.get("AIRFLOW_GRID_K8S_CONFIG_FILE") or None,
             image_pull_policy=env.get("AIRFLOW_GRID_K8S_IMAGE_PULL_POLICY") or None,
             service_account_name=env.get("AIRFLOW_GRID_K8S_SERVICE_ACCOUNT") or None,
-            worker_command=tuple(command.split()) if command else cls.worker_command,
+            worker_command=tuple(shlex.split(command)) if command else cls.worker_command,
             store_volume=store_volume,
             host_mounts=tuple(p for p in env.get("AIRFLOW_GRID_K8S_HOST_MOUNTS", "").split(",") if p),
             deferrable=env.get("AIRFLOW_GRID_K8S_DEFERRABLE", "false").lower() == "true",
