@@ -63,28 +63,19 @@ def run_command(args: argparse.Namespace) -> int:
     fitted = sum(1 for r in candidate_results if not r["from_store"])
     print(f"evaluated {n} candidates: {fitted} fitted, {n - fitted} from store", flush=True)
 
-    n_failed = results.check_failures(candidate_results, plan.n_splits)
-    cv_results = results.assemble(
+    cv_results, best_fields = results.reduce(
         [c["params"] for c in plan.candidates],
         candidate_results,
         n_splits=plan.n_splits,
         metric_names=spec.metric_names,
         return_train_score=spec.return_train_score,
+        refit_metric=spec.refit_metric,
     )
-    best = results.best_index(cv_results, spec.refit_metric)
+    best = best_fields["best_index"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cv_results.json").write_text(json.dumps(results.to_json(cv_results), indent=1))
-    summary: dict[str, Any] = {
-        "best_index": best,
-        "best_score": float(cv_results[f"mean_test_{spec.refit_metric}"][best]),
-        "best_params": plan.candidates[best]["params"],
-        "refit_metric": spec.refit_metric,
-        "n_candidates": n,
-        "n_failed": n_failed,
-        "study": spec.name,
-        "plan_id": plan.plan_id,
-    }
+    summary: dict[str, Any] = {**best_fields, "study": spec.name, "plan_id": plan.plan_id}
     (out / "best.json").write_text(json.dumps(summary, indent=1))
     print(
         f"winner [{best}] {plan.candidates[best]['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}"

@@ -116,3 +116,32 @@ def to_json(cv_results: dict[str, Any]) -> dict[str, list[Any]]:
 
 def _plain(value: Any) -> Any:
     return float("nan") if isinstance(value, float) and math.isnan(value) else value
+
+
+def reduce(
+    candidate_params: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    *,
+    n_splits: int,
+    metric_names: list[str],
+    return_train_score: bool,
+    refit_metric: str,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The whole reduce step: (cv_results_, best) where best is the ``best.json`` contract's fields.
+
+    Raises :class:`AllFitsFailedError` when every fit failed, as GridSearchCV does.
+    """
+    n_failed = check_failures(results, n_splits)
+    cv_results = assemble(
+        candidate_params, results, n_splits=n_splits, metric_names=metric_names, return_train_score=return_train_score
+    )
+    winner = best_index(cv_results, refit_metric)
+    best = {
+        "best_index": winner,
+        "best_score": float(cv_results[f"mean_test_{refit_metric}"][winner]),
+        "best_params": candidate_params[winner],
+        "refit_metric": refit_metric,
+        "n_candidates": len(candidate_params),
+        "n_failed": n_failed,
+    }
+    return cv_results, best

@@ -49,26 +49,18 @@ class SelectWinnerOperator(BaseOperator):
             raise AirflowFailException(f"no result for candidates {missing}: did evaluate tasks fail or get skipped?")
         ordered = [by_index[c["index"]] for c in plan.candidates]
         try:
-            n_failed = results.check_failures(ordered, plan.n_splits)
+            cv_results, best = results.reduce(
+                [c["params"] for c in plan.candidates],
+                ordered,
+                n_splits=plan.n_splits,
+                metric_names=spec.metric_names,
+                return_train_score=spec.return_train_score,
+                refit_metric=spec.refit_metric,
+            )
         except results.AllFitsFailedError as error:
             raise AirflowFailException(str(error)) from error
-        cv_results = results.assemble(
-            [c["params"] for c in plan.candidates],
-            ordered,
-            n_splits=plan.n_splits,
-            metric_names=spec.metric_names,
-            return_train_score=spec.return_train_score,
-        )
-        best_index = results.best_index(cv_results, spec.refit_metric)
+        best_index = best["best_index"]
         cv_json = results.to_json(cv_results)
-        best = {
-            "best_index": best_index,
-            "best_score": float(cv_results[f"mean_test_{spec.refit_metric}"][best_index]),
-            "best_params": plan.candidates[best_index]["params"],
-            "refit_metric": spec.refit_metric,
-            "n_candidates": len(plan.candidates),
-            "n_failed": n_failed,
-        }
         dag_run = context["dag_run"]
         store = Store(plan.store_root)
         study_dir = f"studies/{spec.name}/{dag_run.dag_id}/{dag_run.run_id}".replace(":", "_").replace("+", "_")
