@@ -203,7 +203,7 @@ class Airflow:
         value = self.get(path, map_index=map_index)["value"]
         return json.loads(value) if isinstance(value, str) else value
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 240) -> dict[str, Any]:
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 480) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             run = self.dag_run(dag_id, run_id)
@@ -306,6 +306,9 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
     write_data(root / "data")
     ports = {"api": free_port(), "worker_logs": free_port(), "trigger_logs": free_port()}
     marker = f"airflow-grid-scheduler-test-{uuid.uuid4().hex}"
+    # SQLite allows one writer: under CI load the scheduler can hold the lock past pysqlite's 5 s default, and a
+    # concurrent CLI command (backfill create) then fails with "database is locked". Wait up to 60 s instead.
+    (root / "airflow_grid_test_sqlite.py").write_text('CONNECT_ARGS = {"timeout": 60}\n')
     env = {
         k: v
         for k, v in os.environ.items()
@@ -328,6 +331,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Airflow]:
             "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
             "AIRFLOW_GRID_STORE": str(root / "store"),
             "AIRFLOW_GRID_TEST_MARKER": marker,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "airflow_grid_test_sqlite.CONNECT_ARGS",
         }
     )
     _cli(env, "db", "migrate")
