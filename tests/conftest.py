@@ -13,6 +13,8 @@ import pytest
 
 from airflow_grid.cv import THREAD_ENV_VARS
 
+pytest_plugins = ["k8s_lab"]  # the lab cluster's fixtures: cluster, worker_image
+
 # Isolate every test session from the machine's ~/airflow, MLflow and result store. This must happen before
 # anything imports airflow, which reads AIRFLOW_HOME once at import time.
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="airflow-grid-tests-"))
