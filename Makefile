@@ -20,7 +20,7 @@ AIRFLOW_ENV = AIRFLOW_HOME=$(CURDIR)/.airflow AIRFLOW__CORE__DAGS_FOLDER=$(CURDI
 
 demo: install
 	$(AIRFLOW_ENV) $(BIN)/airflow db migrate > /dev/null
-	$(AIRFLOW_ENV) $(BIN)/airflow pools set grid_fits $$(nproc) "airflow-grid candidate fits" > /dev/null
+	$(AIRFLOW_ENV) $(BIN)/airflow pools set grid_fits $$(nproc) "airflow-grid candidate fits" --include-deferred > /dev/null
 	$(AIRFLOW_ENV) $(BIN)/python -m airflow_grid.demo
 
 demo-cli: install

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,3 +65,13 @@ def thread_env() -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> None:
+    """The session's metadata DB (AIRFLOW_HOME above, SQLite) migrated once, with the grid pool."""
+    for args in (["db", "migrate"], ["pools", "set", "grid_fits", "2", "airflow-grid candidate fits (tests)"]):
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "airflow"), *args], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, f"airflow {' '.join(args)}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"

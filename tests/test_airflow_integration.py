@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import uuid
@@ -30,7 +29,6 @@ import pytest
 import yaml
 
 from airflow_grid import tracking
-from airflow_grid.operators.plan import DEFAULT_POOL
 
 pytestmark = pytest.mark.airflow
 
@@ -73,22 +71,6 @@ def weak_spec(name: str) -> dict[str, Any]:
 
 
 # --- fixtures -------------------------------------------------------------------------------------------------------
-
-
-def _airflow_cli(*args: str) -> None:
-    completed = subprocess.run(
-        [str(BIN / "airflow"), *args], capture_output=True, text=True, env=dict(os.environ), timeout=600
-    )
-    assert completed.returncode == 0, (
-        f"airflow {' '.join(args)}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
-    )
-
-
-@pytest.fixture(scope="session")
-def airflow_db() -> None:
-    """The session's metadata DB (conftest points AIRFLOW_HOME at a temp dir) with the grid pool."""
-    _airflow_cli("db", "migrate")
-    _airflow_cli("pools", "set", DEFAULT_POOL, "2", "airflow-grid candidate fits (tests)")
 
 
 def _isolate(monkeypatch: pytest.MonkeyPatch, root: Path) -> Path:

@@ -206,7 +206,7 @@ def test_init_migrates_creates_the_pool_and_the_connection(services: dict[str, A
     assert init["command"][0] == "-c"
     script = init["command"][1]
     assert "airflow db migrate" in script
-    assert 'airflow pools set grid_fits 4 "airflow-grid candidate fits"' in script
+    assert 'airflow pools set grid_fits 4 "airflow-grid candidate fits" --include-deferred' in script
     assert "airflow connections add kubernetes_default --conn-type kubernetes" in script
     assert init.get("restart") == "no"
     assert init["depends_on"] == {"postgres": {"condition": "service_healthy", "required": True}}
@@ -242,7 +242,7 @@ def test_init_script_runs(services: dict[str, Any], tmp_path: Path) -> None:
     argvs = [json.loads(line) for line in calls.read_text().splitlines()]
     assert argvs[1:4] == [
         ["db", "migrate"],
-        ["pools", "set", "grid_fits", "4", "airflow-grid candidate fits"],
+        ["pools", "set", "grid_fits", "4", "airflow-grid candidate fits", "--include-deferred"],
         ["connections", "delete", "kubernetes_default"],
     ]
     add = argvs[4]

@@ -13,9 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,28 +24,10 @@ import pytest
 from k8s_lab import REPO, Cluster, kubernetes_settings, watch_pods
 
 from airflow_grid.operators.kubernetes import WORKER_UID, describe_failure
-from airflow_grid.operators.plan import DEFAULT_POOL
 
 pytestmark = [pytest.mark.k8s, pytest.mark.airflow]
 
 DAGS_DIR = REPO / "dags"
-BIN = Path(sys.executable).parent
-
-
-def _airflow_cli(*args: str) -> None:
-    completed = subprocess.run(
-        [str(BIN / "airflow"), *args], capture_output=True, text=True, env=dict(os.environ), timeout=600
-    )
-    assert completed.returncode == 0, (
-        f"airflow {' '.join(args)}:\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
-    )
-
-
-@pytest.fixture(scope="session")
-def airflow_db() -> None:
-    """The session's metadata DB (conftest points AIRFLOW_HOME at a temp dir) with the grid pool."""
-    _airflow_cli("db", "migrate")
-    _airflow_cli("pools", "set", DEFAULT_POOL, "2", "airflow-grid candidate fits (kubernetes tests)")
 
 
 @dataclass(frozen=True)

@@ -6,18 +6,24 @@ cluster: six candidates, each a pod asking 250m CPU (one pool slot each), in a 2
 six at once (the test prints its allocatable CPU against the pods' requests), so the pool, not the cluster or the
 executor, is what holds them back. A watcher polls the API every 0.5 s for this DAG's pods.
 
+A second DAG uses KPO's ``deferrable`` mode: its tasks are seen ``deferred`` while the triggerer watches their pods.
+A deferred task gives its pool slot back unless the pool counts deferred tasks, so six candidates run six pods at
+once in a pool created without ``--include-deferred``, and at most two with it: why every pool this project
+creates uses the flag.
+
 Needs the lab cluster and root (tests/k8s_lab.py); skipped without them unless ``AIRFLOW_GRID_REQUIRE_K8S=1``.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 from k8s_lab import Cluster, kubernetes_settings, watch_pods
-from standalone import Airflow, max_overlap, parse_time, run_standalone
+from standalone import TERMINAL, Airflow, cli, max_overlap, parse_time, run_standalone
 
 pytestmark = [pytest.mark.scheduler, pytest.mark.k8s]
 
@@ -31,18 +37,24 @@ DAG_ID = "sched_pods"
 DAG_FILE = '''\
 """Candidates as pods on the lab cluster (written by tests/test_scheduler_kubernetes.py)."""
 
+import os
 from pathlib import Path
 
 from airflow_grid.dag_factory import grid_search_dag
 from airflow_grid.operators.kubernetes import KubernetesBackend
 
+SPEC = Path(__file__).parent / "specs" / "iris_pods.yaml"
 sched_pods = grid_search_dag(
-    "{dag_id}",
-    Path(__file__).parent / "specs" / "iris_pods.yaml",
+    "{dag_id}", SPEC, pool="{pool}", refit_dag_id=None, retries=0, kubernetes=KubernetesBackend.from_env()
+)
+# The same with KPO's deferrable mode: the triggerer watches the pod while the task gives up its worker slot.
+sched_pods_deferred = grid_search_dag(
+    "{dag_id}_deferred",
+    SPEC,
     pool="{pool}",
     refit_dag_id=None,
     retries=0,
-    kubernetes=KubernetesBackend.from_env(),
+    kubernetes=KubernetesBackend.from_env({{**os.environ, "AIRFLOW_GRID_K8S_DEFERRABLE": "true"}}),
 )
 '''
 
@@ -125,3 +137,58 @@ def test_pool_caps_concurrently_running_pods(airflow: Airflow, cluster: Cluster)
     assert 1 <= watcher.max_running <= POOL_SLOTS
     assert task_overlap <= POOL_SLOTS
     assert waits > 0, "the scheduler never held a task back for the pool"
+
+
+def run_deferred(airflow: Airflow, cluster: Cluster, run_id: str, max_depth: list[int]) -> dict[str, Any]:
+    """Trigger the deferrable DAG on six candidates; what the run, its tasks and its pods did."""
+    dag_id = f"{DAG_ID}_deferred"
+    conf = {"param_grid": {"max_depth": max_depth, "criterion": ["gini", "entropy"]}}
+    seen: dict[int, set[str]] = {}  # map index -> task states polled
+    with watch_pods(cluster) as watcher:
+        response = airflow.trigger(dag_id, run_id, conf)
+        assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 600
+        while (run := airflow.dag_run(dag_id, run_id))["state"] not in TERMINAL:
+            for ti in airflow.task_instances(dag_id, run_id, task_id="evaluate_kubernetes"):
+                if ti["map_index"] >= 0:  # -1: not expanded yet
+                    seen.setdefault(ti["map_index"], set()).add(str(ti["state"]))
+            assert time.monotonic() < deadline, f"{dag_id}/{run_id} still {run['state']}"
+            time.sleep(0.5)
+        left = watcher.remaining()
+    if run["state"] != "success":
+        airflow.explain(dag_id, run_id)
+    assert not watcher.errors, watcher.errors
+    results = [
+        airflow.xcom(dag_id, run_id, "evaluate_kubernetes", ti["map_index"])["results"][0]
+        for ti in airflow.task_instances(dag_id, run_id, task_id="evaluate_kubernetes")
+    ]
+    states = {index: sorted(states) for index, states in sorted(seen.items())}
+    print(f"    {dag_id}/{run_id}: {run['state']}; max {watcher.max_running} pods Running at once; {len(watcher.pods)} "
+          f"pods, left {left}; task states polled {states}; fitted in pods: "
+          f"{sum(not r['from_store'] for r in results)} of {len(results)}")  # fmt: skip
+    return {"run": run, "max_running": watcher.max_running, "pods": len(watcher.pods), "left": left,
+            "states": states, "results": results}  # fmt: skip
+
+
+def test_deferrable_pods_are_capped_only_by_a_pool_that_counts_deferred_tasks(
+    airflow: Airflow, cluster: Cluster
+) -> None:
+    """A deferred task gives up its pool slot unless the pool counts deferred tasks, while its pod keeps running."""
+    print(f"\n{DAG_ID}_deferred: six candidates per run, pool {POOL} = {POOL_SLOTS} slots, parallelism {PARALLELISM}")
+    print(f"  pool created by `airflow pools set` without --include-deferred: {airflow.get(f'/api/v2/pools/{POOL}')}")
+    loose = run_deferred(airflow, cluster, "pool_without_deferred", [4, 5, 6])
+    cli(airflow.env, "pools", "set", POOL, str(POOL_SLOTS), "airflow-grid candidate fits", "--include-deferred")
+    pool = airflow.get(f"/api/v2/pools/{POOL}")
+    assert pool["include_deferred"] is True and pool["slots"] == POOL_SLOTS
+    print(f"  airflow pools set {POOL} {POOL_SLOTS} ... --include-deferred: {pool['include_deferred']=}")
+    capped = run_deferred(airflow, cluster, "pool_with_deferred", [7, 8, 9])
+
+    for outcome in (loose, capped):
+        assert outcome["run"]["state"] == "success"
+        assert sorted(outcome["states"]) == [*range(6)], outcome["states"]
+        assert all("deferred" in states for states in outcome["states"].values()), outcome["states"]
+        assert outcome["pods"] == 6 and outcome["left"] == []
+        assert not any(result["from_store"] for result in outcome["results"])
+    assert capped["max_running"] <= POOL_SLOTS
+    # Why the deployment creates the pool with --include-deferred: without it the pool did not cap the pods.
+    assert loose["max_running"] > POOL_SLOTS, loose["max_running"]

@@ -154,7 +154,7 @@ class PlanGridSearchOperator(BaseOperator):
             raise AirflowFailException(
                 f"pool {self.grid_pool!r} does not exist, so the evaluate tasks would wait forever. Fix: "
                 f"airflow pools set {self.grid_pool} <CPUs you allow tuning to use> "
-                "'airflow-grid candidate fits'"
+                "'airflow-grid candidate fits' --include-deferred"
             )
         if exists is None:
             self.log.warning("Could not check that pool %r exists (no metadata DB access here).", self.grid_pool)
