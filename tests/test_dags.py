@@ -444,3 +444,57 @@ def test_templated_data_path_without_a_version_fails_at_plan(
     Path(plan_operator.spec_path).write_text(yaml.safe_dump(document))
     with pytest.raises(AirflowFailException, match=r"depends on dataset_version, but this run has none.*conf"):
         plan_operator.execute(_plan_context({}, {}, None))  # type: ignore[arg-type]
+
+
+class _Secrets:
+    """What ``var`` and ``conn`` give a task's templates: here every name resolves to the secret."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __str__(self) -> str:
+        return "s3cr3t-token"
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        ("{{ var.value.api_key }}", "'var' is undefined"),
+        ("{{ conn.aws_default.password }}", "'conn' is undefined"),
+        ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),
+    ],
+    ids=["variable", "connection", "sandbox-escape"],
+)
+def test_data_path_from_ui_conf_cannot_render_secrets(
+    plan_operator: PlanGridSearchOperator,
+    tmp_path: Path,
+    iris_doc: Callable[..., dict[str, Any]],
+    template: str,
+    why: str,
+) -> None:
+    """A whole spec in UI conf is untrusted: its data.path sees the run's dates, params and version, no secrets."""
+    document = iris_doc()
+    document["data"] = {"path": f"{tmp_path}/{template}.csv", "target": "target"}
+    context = _plan_context({"spec": document, "dataset_version": "v1"}, {}, DATE)
+    context.update(var=_Secrets(), conn=_Secrets(), macros=_Secrets())
+    with pytest.raises(AirflowFailException, match=r"invalid spec: data\.path: cannot render") as raised:
+        plan_operator.execute(context)  # type: ignore[arg-type]
+    assert why in str(raised.value)
+    assert "{{ dataset_version }}" in str(raised.value)  # the fix names what may be used
+    assert "s3cr3t-token" not in str(raised.value)
+
+
+def test_data_path_renders_the_documented_variables(
+    plan_operator: PlanGridSearchOperator, tmp_path: Path, iris_doc: Callable[..., dict[str, Any]]
+) -> None:
+    """README: ``{{ ds }}``, ``{{ params.dataset_version }}`` and ``{{ dataset_version }}`` work in data.path."""
+    from sklearn.datasets import load_iris
+
+    load_iris(as_frame=True).frame.to_csv(tmp_path / "iris-2026-11-24-v3-v3.csv", index=False)
+    document = iris_doc(param_grid={"clf__C": [1]})
+    path = "iris-{{ ds }}-{{ params.dataset_version }}-{{ dataset_version }}.csv"
+    document["data"] = {"path": f"{tmp_path}/{path}", "target": "target"}
+    context = _plan_context({"spec": document, "dataset_version": "v3"}, {}, DATE)
+    context["ds"] = DATE.date().isoformat()
+    items = plan_operator.execute(context)  # type: ignore[arg-type]
+    assert load_plan(items[0]["plan_uri"]).document["spec"]["data"]["path"] == f"{tmp_path}/iris-2026-11-24-v3-v3.csv"

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from airflow.sdk import BaseOperator, Context, conf
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -16,6 +17,18 @@ from airflow_grid.spec import SearchSpec, SpecError, parse_spec
 from airflow_grid.store import Store
 
 DEFAULT_POOL = "grid_fits"
+
+
+# What data.path may use besides {{ dataset_version }}: the run's dates and params, never secrets (var, conn).
+DATA_PATH_VARIABLES = (
+    "ds",
+    "ds_nodash",
+    "logical_date",
+    "data_interval_start",
+    "data_interval_end",
+    "run_id",
+    "params",
+)
 
 
 class PlanGridSearchOperator(BaseOperator):
@@ -66,9 +79,7 @@ class PlanGridSearchOperator(BaseOperator):
                     "dataset_version param, no asset event with extra.dataset_version, no logical date). Fix: "
                     'trigger with conf {"dataset_version": "<version>"}.'
                 )
-            jinja_context: Any = {**context, "dataset_version": version}
-            rendered = self.render_template(data["path"], jinja_context)
-            document["data"] = {**data, "path": rendered}
+            document["data"] = {**data, "path": self._render_data_path(data["path"], context, version)}
         try:
             spec = parse_spec(document, self.extra_allowed)
             self._check_backend(spec)
@@ -119,6 +130,23 @@ class PlanGridSearchOperator(BaseOperator):
             applied or "none",
         )  # fmt: skip
         return items
+
+    def _render_data_path(self, path: str, context: Context, version: str | None) -> str:
+        """Render ``data.path`` with the run's dates, params and dataset version, and nothing else.
+
+        A whole spec may come from UI conf, so its path is untrusted: with the full task context a trigger could
+        render ``{{ var.value.… }}`` or ``{{ conn.….password }}`` into a path and read the secret back from the
+        error or the MLflow tags. Airflow's sandboxed Jinja environment still applies.
+        """
+        variables: dict[str, Any] = {name: context.get(name) for name in DATA_PATH_VARIABLES if name in context}
+        variables["dataset_version"] = version
+        try:
+            return str(self.render_template(path, variables))
+        except jinja2.TemplateError as error:
+            raise AirflowFailException(
+                f"invalid spec: data.path: cannot render {path!r} ({type(error).__name__}: {error}). Fix: use only "
+                f"{', '.join('{{ ' + name + ' }}' for name in ('dataset_version', *DATA_PATH_VARIABLES))} in it."
+            ) from None
 
     def _check_backend(self, spec: SearchSpec) -> None:
         if spec.backend not in self.backends:
