@@ -1,10 +1,11 @@
-"""The DAGs under a real scheduler: ``airflow standalone`` (LocalExecutor, SQLite), driven through the REST API.
+"""The DAGs under a real scheduler: ``airflow standalone`` (LocalExecutor), driven through the REST API.
 
 ``dag.test()`` (test_airflow_integration.py) runs every task in one process and ignores pools. Here a module
-fixture starts ``airflow standalone`` in a temp AIRFLOW_HOME with its own SQLite DB and a temp DAGs folder holding
+fixture starts ``airflow standalone`` (tests/standalone.py) twice: on SQLite, the embedded default, and on a private
+PostgreSQL, the database of the compose deployment. Each gets a temp AIRFLOW_HOME and a temp DAGs folder holding
 one DAG file (four grid-search DAGs over iris CSV specs whose ``data.path`` is templated on ``{{ dataset_version }}``,
-plus the shipped ``grid_refit.py``), creates the pool ``grid_fits`` with 2 slots, reserializes, unpauses the DAGs
-through REST, and at teardown stops the whole process group and checks that no process or port is left.
+plus the shipped ``grid_refit.py``), the pool ``grid_fits`` with 2 slots, and at teardown a check that no process
+or port is left.
 
 What a user does from the outside, and what each test proves:
 
@@ -15,7 +16,8 @@ What a user does from the outside, and what each test proves:
    fits its candidates, the others are served from the store;
 4. six candidates in a 2-slot pool with parallelism 4 → never more than 2 evaluate tasks run at once.
 
-Each test prints its evidence (``pytest -m scheduler -s`` or ``-rP`` shows it). Takes a few minutes on 2 cores.
+The backfill runs on PostgreSQL; on SQLite it is opt-in (see the test). Each test prints its evidence
+(``pytest -m scheduler -s`` or ``-rP`` shows it). Takes about 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
