@@ -138,7 +138,7 @@ class PlanGridSearchOperator(BaseOperator):
         render ``{{ var.value.… }}`` or ``{{ conn.….password }}`` into a path and read the secret back from the
         error or the MLflow tags. Airflow's sandboxed Jinja environment still applies.
         """
-        variables: dict[str, Any] = {name: context.get(name) for name in DATA_PATH_VARIABLES if name in context}
+        variables: Any = {name: context.get(name) for name in DATA_PATH_VARIABLES if name in context}
         variables["dataset_version"] = version
         try:
             return str(self.render_template(path, variables))
