@@ -74,6 +74,7 @@ def grid_search_dag(
     refit_dag_id: str | None = DEFAULT_REFIT_DAG_ID,
     retries: int = 2,
     spec_dirs: Sequence[str] = (),
+    data_roots: Sequence[str] | None = None,
     extra_allowed: Sequence[str] = (),
     kubernetes: KubernetesBackend | None = None,
     tags: Sequence[str] = (),
@@ -82,7 +83,8 @@ def grid_search_dag(
     """A grid-search DAG over ``spec_path``: each evaluate task takes ``ceil(cpu)`` slots of ``pool``.
 
     With ``kubernetes``, the DAG also has ``evaluate_kubernetes`` (one pod per task); the spec's ``backend`` (or
-    the ``backend`` param) picks which of the two runs, and the other is skipped.
+    the ``backend`` param) picks which of the two runs, and the other is skipped. A whole spec passed in a run's
+    conf may only read files under ``data_roots`` (default: the directory of the DAG spec's own ``data.path``).
     """
     slots = max(1, math.ceil(cpu))
     with DAG(
@@ -103,6 +105,7 @@ def grid_search_dag(
             grid_pool=pool,
             pool_slots_per_candidate=slots,
             spec_dirs=spec_dirs,
+            data_roots=data_roots,
             extra_allowed=extra_allowed,
             backends=("local", "kubernetes") if kubernetes is not None else ("local",),
             retries=0,

@@ -496,5 +496,96 @@ def test_data_path_renders_the_documented_variables(
     document["data"] = {"path": f"{tmp_path}/{path}", "target": "target"}
     context = _plan_context({"spec": document, "dataset_version": "v3"}, {}, DATE)
     context["ds"] = DATE.date().isoformat()
+    plan_operator.data_roots = (str(tmp_path),)
     items = plan_operator.execute(context)  # type: ignore[arg-type]
     assert load_plan(items[0]["plan_uri"]).document["spec"]["data"]["path"] == f"{tmp_path}/iris-2026-11-24-v3-v3.csv"
+
+
+@pytest.mark.parametrize(
+    ("path", "roots", "inside"),
+    [
+        ("/data/iris/v1.csv", ["/data/iris/"], True),
+        ("file:///data/iris/v1.csv", ["/data/iris/"], True),
+        ("/data/iris/../../etc/passwd", ["/data/iris/"], False),
+        ("/data/iris-other/v1.csv", ["/data/iris"], False),
+        ("/data/iris/v1.csv", [], False),
+        ("s3://bucket/churn/v=1/train.parquet", ["s3://bucket/churn/"], True),
+        ("S3://bucket/churn/v=1/train.parquet", ["s3://bucket/churn/"], True),
+        ("s3://bucket/churn/../payroll/x.parquet", ["s3://bucket/churn/"], False),
+        ("s3://other/churn/x.parquet", ["s3://bucket/churn/"], False),
+        ("gs://bucket/churn/x.parquet", ["s3://bucket/churn/"], False),
+        ("/bucket/churn/x.parquet", ["s3://bucket/churn/"], False),
+    ],
+)
+def test_path_within_data_roots(path: str, roots: list[str], inside: bool) -> None:
+    assert overrides.path_within(path, roots) is inside
+
+
+def test_path_within_follows_symlinks(tmp_path: Path) -> None:
+    root, outside = tmp_path / "data", tmp_path / "secrets"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    assert overrides.path_within(str(root / "iris.csv"), [str(root)])
+    assert not overrides.path_within(str(root / "link" / "key.csv"), [str(root)])
+
+
+@pytest.mark.parametrize(
+    ("data", "roots"),
+    [
+        ({"path": "s3://bucket/churn/v={{ dataset_version }}/train.parquet"}, ["s3://bucket/churn/"]),
+        ({"path": "/data/iris-{{ dataset_version }}.csv"}, ["/data/"]),
+        ({"path": "/data/iris/{{ ds }}/"}, ["/data/iris/"]),
+        ({"path": "/data/iris.csv"}, ["/data/"]),
+        ({"path": "{{ params.where }}"}, []),
+        ({"path": "/{{ ds }}/iris.csv"}, []),
+        ({"_target_": "sklearn.datasets.load_iris"}, []),
+    ],
+)
+def test_default_data_roots_are_where_the_dag_spec_reads(data: dict[str, Any], roots: list[str]) -> None:
+    assert overrides.default_data_roots({"data": data}) == roots
+
+
+def _csv_spec(iris_doc: Callable[..., dict[str, Any]], path: Path) -> dict[str, Any]:
+    from sklearn.datasets import load_iris
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    load_iris(as_frame=True).frame.to_csv(path, index=False)
+    document = iris_doc(param_grid={"clf__C": [1]})
+    document["data"] = {"path": str(path), "target": "target"}
+    return document
+
+
+def test_conf_spec_reads_only_under_the_dag_data_roots(
+    plan_operator: PlanGridSearchOperator, tmp_path: Path, iris_doc: Callable[..., dict[str, Any]]
+) -> None:
+    """UI conf is untrusted: its spec may read where the DAG's own spec reads, not any file the worker can."""
+    dag_spec = _csv_spec(iris_doc, tmp_path / "datasets" / "iris.csv")
+    Path(plan_operator.spec_path).write_text(yaml.safe_dump(dag_spec))
+    inside = _csv_spec(iris_doc, tmp_path / "datasets" / "iris-v2.csv")
+    items = plan_operator.execute(_plan_context({"spec": inside}, {}, DATE))  # type: ignore[arg-type]
+    assert load_plan(items[0]["plan_uri"]).document["n_samples"] == 150
+
+    outside = _csv_spec(iris_doc, tmp_path / "elsewhere" / "iris.csv")
+    with pytest.raises(AirflowFailException, match=r"spec\.data\.path: got .*elsewhere/iris\.csv.*data roots.*Fix:"):
+        plan_operator.execute(_plan_context({"spec": outside}, {}, DATE))  # type: ignore[arg-type]
+    climbing = {**inside, "data": {"path": f"{tmp_path}/datasets/../elsewhere/iris.csv", "target": "target"}}
+    with pytest.raises(AirflowFailException, match=r"data roots"):
+        plan_operator.execute(_plan_context({"spec": climbing}, {}, DATE))  # type: ignore[arg-type]
+
+    plan_operator.data_roots = (str(tmp_path / "elsewhere"),)  # grid_search_dag(data_roots=[...])
+    items = plan_operator.execute(_plan_context({"spec": outside}, {}, DATE))  # type: ignore[arg-type]
+    assert load_plan(items[0]["plan_uri"]).document["n_samples"] == 150
+
+
+def test_conf_spec_reads_no_file_when_the_dag_spec_reads_none(
+    plan_operator: PlanGridSearchOperator, tmp_path: Path, iris_doc: Callable[..., dict[str, Any]]
+) -> None:
+    """The shipped DAGs load sklearn datasets: a conf spec naming a file is refused, with the ways out."""
+    document = _csv_spec(iris_doc, tmp_path / "iris.csv")
+    with pytest.raises(AirflowFailException, match=r"nowhere: this DAG has no data roots.*data_roots=\[\.\.\.\]"):
+        plan_operator.execute(_plan_context({"spec": document}, {}, DATE))  # type: ignore[arg-type]
+    # the same file from the DAG's own spec (written by the DAG's authors) is read as before
+    Path(plan_operator.spec_path).write_text(yaml.safe_dump(document))
+    items = plan_operator.execute(_plan_context({}, {}, DATE))  # type: ignore[arg-type]
+    assert load_plan(items[0]["plan_uri"]).document["n_samples"] == 150

@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_grid import overrides
 from airflow_grid.plan import make_plan
-from airflow_grid.spec import SearchSpec, SpecError, parse_spec
+from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
 
 DEFAULT_POOL = "grid_fits"
@@ -50,6 +50,7 @@ class PlanGridSearchOperator(BaseOperator):
         grid_pool: str = DEFAULT_POOL,
         pool_slots_per_candidate: int = 1,
         spec_dirs: Sequence[str] = (),
+        data_roots: Sequence[str] | None = None,
         extra_allowed: Sequence[str] = (),
         backends: Sequence[str] = ("local",),
         **kwargs: Any,
@@ -61,6 +62,7 @@ class PlanGridSearchOperator(BaseOperator):
         self.grid_pool = grid_pool
         self.pool_slots_per_candidate = pool_slots_per_candidate
         self.spec_dirs = tuple(spec_dirs) or (str(Path(spec_path).parent),)
+        self.data_roots = None if data_roots is None else tuple(data_roots)
         self.extra_allowed = tuple(extra_allowed)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
@@ -80,6 +82,8 @@ class PlanGridSearchOperator(BaseOperator):
                     'trigger with conf {"dataset_version": "<version>"}.'
                 )
             document["data"] = {**data, "path": self._render_data_path(data["path"], context, version)}
+            if params.get("spec"):
+                self._check_data_root(document["data"]["path"])
         try:
             spec = parse_spec(document, self.extra_allowed)
             self._check_backend(spec)
@@ -147,6 +151,20 @@ class PlanGridSearchOperator(BaseOperator):
                 f"invalid spec: data.path: cannot render {path!r} ({type(error).__name__}: {error}). Fix: use only "
                 f"{', '.join('{{ ' + name + ' }}' for name in ('dataset_version', *DATA_PATH_VARIABLES))} in it."
             ) from None
+
+    def _check_data_root(self, path: str) -> None:
+        """UI conf is untrusted: a whole spec from conf may only read data under the DAG's data roots."""
+        roots = self.data_roots
+        if roots is None:  # default: where the DAG's own spec reads its data
+            roots = tuple(overrides.default_data_roots(load_spec_file(self.spec_path)))
+        if overrides.path_within(path, roots):
+            return
+        where = f"under {list(roots)} (this DAG's data roots)" if roots else "nowhere: this DAG has no data roots"
+        raise AirflowFailException(
+            f"invalid spec: spec.data.path: got {path!r}; a spec passed in the run's conf may read files {where}. "
+            "Fix: use a path under a data root, a `_target_` loader, or a spec file of the DAG's specs directory "
+            "(spec_path); or build the DAG with data_roots=[...] naming where tuning data lives."
+        )
 
     def _check_backend(self, spec: SearchSpec) -> None:
         if spec.backend not in self.backends:
