@@ -63,14 +63,7 @@ def run_command(args: argparse.Namespace) -> int:
     fitted = sum(1 for r in candidate_results if not r["from_store"])
     print(f"evaluated {n} candidates: {fitted} fitted, {n - fitted} from store", flush=True)
 
-    cv_results, best_fields = results.reduce(
-        [c["params"] for c in plan.candidates],
-        candidate_results,
-        n_splits=plan.n_splits,
-        metric_names=spec.metric_names,
-        return_train_score=spec.return_train_score,
-        refit_metric=spec.refit_metric,
-    )
+    cv_results, best_fields = plan.reduce(candidate_results)
     best = best_fields["best_index"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

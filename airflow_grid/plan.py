@@ -49,6 +49,20 @@ class Plan:
         relative = self.document["files"].get(name)
         return None if relative is None else str(relative)
 
+    def reduce(self, ordered_results: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """cv_results_ and the best_* fields, from the candidates' results in candidate order."""
+        from airflow_grid import results  # numpy/scipy reduction: not needed by the worker, which imports Plan
+
+        spec = self.spec
+        return results.reduce(
+            [c["params"] for c in self.candidates],
+            ordered_results,
+            n_splits=self.n_splits,
+            metric_names=spec.metric_names,
+            return_train_score=spec.return_train_score,
+            refit_metric=spec.refit_metric,
+        )
+
 
 def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = ()) -> Plan:
     """Plan a study; raises :class:`~airflow_grid.spec.SpecError` before any candidate runs."""

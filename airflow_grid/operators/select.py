@@ -49,14 +49,7 @@ class SelectWinnerOperator(BaseOperator):
             raise AirflowFailException(f"no result for candidates {missing}: did evaluate tasks fail or get skipped?")
         ordered = [by_index[c["index"]] for c in plan.candidates]
         try:
-            cv_results, best = results.reduce(
-                [c["params"] for c in plan.candidates],
-                ordered,
-                n_splits=plan.n_splits,
-                metric_names=spec.metric_names,
-                return_train_score=spec.return_train_score,
-                refit_metric=spec.refit_metric,
-            )
+            cv_results, best = plan.reduce(ordered)
         except results.AllFitsFailedError as error:
             raise AirflowFailException(str(error)) from error
         best_index = best["best_index"]
