@@ -62,7 +62,7 @@ def load(spec: SearchSpec, estimator: Any) -> Dataset:
 def _load_source(spec: SearchSpec) -> tuple[Table, Target]:
     source = spec.data
     if "path" not in source:
-        loaded = build(source, "data", spec.allowed)
+        loaded = build(source, "data", spec.policy, role="data")
         if isinstance(loaded, tuple) and len(loaded) == 2:
             X, y = loaded
         elif hasattr(loaded, "data") and hasattr(loaded, "target"):
@@ -86,12 +86,22 @@ def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
             payload = handle.read()
     except (OSError, ValueError) as error:
         raise SpecError("data.path", f"cannot read {path!r}: {error}", "check the path and its credentials.") from error
-    if fmt == "npz":
-        with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
-            if "X" not in arrays or "y" not in arrays:
-                raise SpecError("data.path", f"{path!r} holds {sorted(arrays)}.", "save the arrays as X and y.")
-            return _as_table(arrays["X"]), _as_target(arrays["y"])
-    frame = pd.read_csv(io.BytesIO(payload)) if fmt == "csv" else pd.read_parquet(io.BytesIO(payload))
+    if not payload:
+        raise SpecError("data.path", f"{path!r} is empty.", f"point data.path at a non-empty {fmt} file.")
+    try:
+        if fmt == "npz":
+            return _read_npz(payload, path)
+        frame = pd.read_csv(io.BytesIO(payload)) if fmt == "csv" else pd.read_parquet(io.BytesIO(payload))
+    except SpecError:
+        raise
+    except Exception as error:  # whatever the reader raises on a damaged or mislabelled file (never its content)
+        raise SpecError(
+            "data.path",
+            f"cannot read {path!r} as {fmt}: {type(error).__name__}.",
+            f"check that the file is a valid {fmt} file, or set data.format.",
+        ) from None
+    if frame.empty:
+        raise SpecError("data.path", f"{path!r} holds no rows.", "point data.path at a file with data.")
     target = source["target"]
     if target not in frame.columns:
         raise SpecError(
@@ -102,6 +112,16 @@ def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
     if missing:
         raise SpecError("data.columns", f"columns {missing} are not in the file.", "list existing columns.")
     return frame[columns].reset_index(drop=True), _as_target(frame[target])
+
+
+def _read_npz(payload: bytes, path: str) -> tuple[Table, Target]:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+        if "X" not in arrays or "y" not in arrays:
+            raise SpecError("data.path", f"{path!r} holds {sorted(arrays)[:20]}.", "save the arrays as X and y.")
+        X, y = arrays["X"], arrays["y"]
+    if len(X) == 0 or len(X) != len(y):
+        raise SpecError("data.path", f"{path!r} holds X of {len(X)} rows and y of {len(y)}.", "save matching rows.")
+    return _as_table(X), _as_target(y)
 
 
 def _as_table(X: Any) -> Table:
@@ -164,12 +184,14 @@ Folds: TypeAlias = list[tuple[np.ndarray, np.ndarray]]
 
 def make_folds(spec: SearchSpec, estimator: Any, X: Table, y: Target) -> Folds:
     """The (train, test) indices GridSearchCV would use: ``check_cv(cv, y, classifier=is_classifier(est))``."""
-    cv_value = spec.cv if isinstance(spec.cv, int) else build(spec.cv, "cv", spec.allowed)
+    cv_value = spec.cv if isinstance(spec.cv, int) else build(spec.cv, "cv", spec.policy)
     try:
         splitter = check_cv(cv_value, y, classifier=is_classifier(estimator))
         folds = [(np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y)]
-    except (TypeError, ValueError) as error:
-        raise SpecError("cv", f"splitting the search data failed: {error}", "lower the number of folds.") from error
+    except Exception as error:  # a splitter refusing this data (too few rows per class, missing groups, ...)
+        raise SpecError(
+            "cv", f"splitting the search data failed: {type(error).__name__}: {error}", "lower the number of folds."
+        ) from None
     return folds
 
 

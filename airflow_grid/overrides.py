@@ -13,13 +13,14 @@ Dataset version, first that is set: the ``dataset_version`` param/conf; the trig
 
 from __future__ import annotations
 
-import posixpath
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from pathlib import Path, PurePosixPath
 from typing import Any
 
+from airflow_grid.policy import default_data_roots, path_within
 from airflow_grid.spec import load_spec_file
+
+__all__ = ["FIELD_OVERRIDES", "dataset_version", "default_data_roots", "path_within", "spec_document"]
 
 FIELD_OVERRIDES = ("param_grid", "cv", "scoring", "resources", "backend")
 
@@ -54,44 +55,3 @@ def dataset_version(
     if logical_date is not None:
         return logical_date.date().isoformat(), "logical_date"
     return None, "fingerprint"
-
-
-def default_data_roots(document: Mapping[str, Any]) -> list[str]:
-    """Where a DAG's own spec reads its data: the directory of ``data.path`` up to its first template, if any."""
-    data = document.get("data")
-    path = data.get("path") if isinstance(data, Mapping) else None
-    if not isinstance(path, str) or not path:
-        return []
-    fixed = path.split("{{", 1)[0]
-    directory = fixed if fixed.endswith("/") else posixpath.dirname(fixed) + "/"
-    if not _split_url(directory)[1].strip("/"):  # no fixed directory (or the filesystem root): no default root
-        return []
-    return [directory]
-
-
-def path_within(path: str, roots: Sequence[str]) -> bool:
-    """Whether ``path`` (a local path or an fsspec URL) lies under one of ``roots``; ``..`` never climbs out.
-
-    Local paths (and ``file://``) are compared resolved, symlinks followed; URLs by scheme and normalised path,
-    and a URL with a ``..`` segment is refused outright (object stores do not resolve it the same way).
-    """
-    scheme, rest = _split_url(path)
-    if scheme != "file" and ".." in PurePosixPath(rest).parts:
-        return False
-    for root in roots:
-        root_scheme, root_rest = _split_url(root)
-        if root_scheme != scheme:
-            continue
-        if scheme == "file":
-            if Path(rest).resolve().is_relative_to(Path(root_rest).resolve()):
-                return True
-        elif PurePosixPath(posixpath.normpath(rest)).is_relative_to(PurePosixPath(posixpath.normpath(root_rest))):
-            return True
-    return False
-
-
-def _split_url(path: str) -> tuple[str, str]:
-    if "://" not in path:
-        return "file", path
-    scheme, rest = path.split("://", 1)
-    return scheme.lower(), rest

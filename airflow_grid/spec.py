@@ -1,9 +1,10 @@
-"""The search spec: parse and validate YAML/JSON, build `_target_` object specs safely.
+"""The search spec: parse and validate YAML/JSON into a :class:`SearchSpec`.
 
-A spec is untrusted input (it may come from a UI form), so every object it names must pass an allowlist of
-dotted-path prefixes before anything is imported, and every validation error names the field path, shows the
-value and says the fix. Validation that needs the estimator (unknown grid parameters, scorers) lives in
-:mod:`airflow_grid.grid`, which builds each candidate once at plan time.
+A spec is untrusted input (it may come from a UI form): its size and depth are bounded before anything walks it,
+every object it names is resolved and checked by :mod:`airflow_grid.policy` at parse time (nothing is called), and
+every validation error names the field path, shows the value and says the fix. Validation that needs the estimator
+(unknown grid parameters, parameter values, scorers) lives in :mod:`airflow_grid.grid`, which builds each candidate
+once at plan time.
 """
 
 from __future__ import annotations
@@ -11,44 +12,36 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-TARGET_KEY = "_target_"
-DEFAULT_ALLOWED_PREFIXES: tuple[str, ...] = ("sklearn.",)
-ALLOWED_TARGETS_ENV = "AIRFLOW_GRID_ALLOWED_TARGETS"
-"""Comma-separated extra `_target_` prefixes a deployment allows (e.g. ``xgboost.,lightgbm.``)."""
+from airflow_grid import policy as trust
+from airflow_grid.build import TARGET_KEY, build, check, is_object_spec, is_step_list
+from airflow_grid.errors import SpecError
+from airflow_grid.errors import show as _show
+from airflow_grid.policy import ALLOWED_TARGETS_ENV, Policy
 
-# Refused whatever the allowlist says: a deployment adding a prefix must not open a way to run code.
-_ALWAYS_REFUSED_PREFIXES = (
-    "builtins.",
-    "os.",
-    "posix.",
-    "nt.",
-    "sys.",
-    "subprocess.",
-    "shutil.",
-    "importlib.",
-    "pickle.",
-    "marshal.",
-    "socket.",
-    "ctypes.",
-    "runpy.",
-    "code.",
-    "pty.",
-    "joblib.load",
-)
-# Allowed prefixes can still hold functions that touch files: refuse writers and private names.
-_ALWAYS_REFUSED_NAMES = re.compile(r"(^|\.)(_[^.]*|dump[^.]*|clear_data_home|load_svmlight_files?|load_files)($|\.)")
+__all__ = [
+    "ALLOWED_TARGETS_ENV",
+    "TARGET_KEY",
+    "Holdout",
+    "Resources",
+    "SearchSpec",
+    "SpecError",
+    "build",
+    "content_hash",
+    "is_object_spec",
+    "is_step_list",
+    "load_spec_file",
+    "parse_spec",
+]
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
@@ -79,140 +72,7 @@ _KNOWN_FIELDS = {
     "backend",
 }
 DEFAULT_MAX_FITS = 5000
-
-
-class SpecError(ValueError):
-    """A spec field is invalid; the message names the field path, shows the value and says the fix."""
-
-    def __init__(self, path: str, problem: str, fix: str | None = None) -> None:
-        self.path = path
-        message = f"spec.{path}: {problem}" if path else f"spec: {problem}"
-        if fix:
-            message += f" Fix: {fix}"
-        super().__init__(message)
-
-
-def _show(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# --------------------------------------------------------------------------------------------------
-# Object specs
-
-
-def allowed_prefixes(extra: Sequence[str] = ()) -> tuple[str, ...]:
-    """The allowlist: sklearn, plus prefixes from the environment and from the caller (deployment config)."""
-    from_env = [p.strip() for p in os.environ.get(ALLOWED_TARGETS_ENV, "").split(",")]
-    return (*DEFAULT_ALLOWED_PREFIXES, *(p for p in (*from_env, *(e.strip() for e in extra)) if p))
-
-
-def _under(target: str, prefix: str) -> bool:
-    """Whether an allowlist prefix covers a target.
-
-    A prefix ending in a dot is a plain string prefix (``sklearn.``); a bare name covers that module and what is
-    inside it, so a deployment allowing ``xgboost`` does not also allow ``xgboost_evil.run``.
-    """
-    return target.startswith(prefix) if prefix.endswith(".") else target == prefix or target.startswith(prefix + ".")
-
-
-def check_target(target: Any, path: str, allowed: Sequence[str]) -> str:
-    """Refuse a `_target_` that is not a dotted name under an allowed prefix (nothing is imported first)."""
-    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+", target):
-        raise SpecError(
-            path,
-            f"_target_ must be a dotted import path, got {_show(target)}.",
-            "write the full path of a class or function, e.g. sklearn.svm.SVC.",
-        )
-    system = next((p for p in _ALWAYS_REFUSED_PREFIXES if target.startswith(p)), None)
-    name = _ALWAYS_REFUSED_NAMES.search(target)
-    fix = "use a public estimator class or function, e.g. sklearn.svm.SVC."
-    if system:
-        reason = f"{system!r} can run code or touch the system, so it is refused even if the deployment allows it"
-    elif name:
-        part = name.group(2)
-        reason = f"{part!r} is private" if part.startswith("_") else f"{part!r} reads or writes files"
-        reason += "; such names are always refused"
-    elif not any(_under(target, prefix) for prefix in allowed):
-        reason = f"it is not under an allowed prefix ({', '.join(allowed)})"
-        fix = (
-            f"use a class under an allowed prefix, e.g. sklearn.svm.SVC; to use another library, the deployment "
-            f"adds its prefix to ${ALLOWED_TARGETS_ENV} (comma-separated, e.g. xgboost.,lightgbm.)."
-        )
-    else:
-        return target
-    raise SpecError(path, f"_target_ {target!r} is not allowed: {reason}.", fix)
-
-
-def resolve_target(target: str, path: str) -> Any:
-    """Import the object a checked `_target_` names (longest importable module prefix, then attributes)."""
-    parts = target.split(".")
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = ".".join(parts[:split])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        try:
-            for attribute in parts[split:]:
-                obj = getattr(obj, attribute)
-        except AttributeError:
-            break
-        return obj
-    raise SpecError(path, f"_target_ {target!r} cannot be imported.", "check the spelling and the package version.")
-
-
-def is_object_spec(value: Any) -> bool:
-    return isinstance(value, Mapping) and TARGET_KEY in value
-
-
-def is_step_list(value: Any) -> bool:
-    """A list of `[name, obj]` pairs: pipeline steps or ColumnTransformer-style transformers."""
-    return (
-        isinstance(value, list)
-        and len(value) > 0
-        and all(isinstance(item, list | tuple) and len(item) >= 2 and isinstance(item[0], str) for item in value)
-    )
-
-
-def check_object_specs(value: Any, path: str, allowed: Sequence[str]) -> None:
-    """Walk a value and check every `_target_` in it against the allowlist, without importing anything."""
-    if isinstance(value, Mapping):
-        if TARGET_KEY in value:
-            check_target(value[TARGET_KEY], f"{path}._target_", allowed)
-        for key, item in value.items():
-            if key != TARGET_KEY:
-                check_object_specs(item, f"{path}.{key}", allowed)
-    elif isinstance(value, list | tuple):
-        for index, item in enumerate(value):
-            check_object_specs(item, f"{path}[{index}]", allowed)
-
-
-def build(value: Any, path: str, allowed: Sequence[str]) -> Any:
-    """Build object specs recursively: mappings with `_target_` are called with their other keys.
-
-    Lists of `[name, obj, ...]` become lists of tuples, as Pipeline and ColumnTransformer expect.
-    """
-    if isinstance(value, Mapping):
-        if TARGET_KEY in value:
-            target = check_target(value[TARGET_KEY], f"{path}._target_", allowed)
-            factory = resolve_target(target, f"{path}._target_")
-            kwargs = {str(k): build(v, f"{path}.{k}", allowed) for k, v in value.items() if k != TARGET_KEY}
-            try:
-                return factory(**kwargs)
-            except TypeError as error:
-                raise SpecError(
-                    path, f"{target}(**{_show(kwargs)}) failed: {error}.", "check the argument names."
-                ) from error
-        return {k: build(v, f"{path}.{k}", allowed) for k, v in value.items()}
-    if is_step_list(value):
-        return [
-            tuple(build(part, f"{path}[{i}][{j}]", allowed) for j, part in enumerate(item))
-            for i, item in enumerate(value)
-        ]
-    if isinstance(value, list):
-        return [build(item, f"{path}[{i}]", allowed) for i, item in enumerate(value)]
-    return value
+MAX_SPEC_FILE_BYTES = 1_000_000
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,8 +172,13 @@ class SearchSpec:
     resources: Resources
     max_fits: int
     backend: str
-    allowed: tuple[str, ...] = field(default=DEFAULT_ALLOWED_PREFIXES)
+    policy: Policy = field(default_factory=Policy)
     raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        """The ``_target_`` prefixes this spec was validated with."""
+        return self.policy.prefixes
 
     @property
     def multimetric(self) -> bool:
@@ -358,21 +223,62 @@ def canonical_json(value: Any) -> str:
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML or JSON spec file (JSON is YAML, so one parser reads both)."""
-    text = Path(path).read_text()
+    """Read a YAML or JSON spec file (JSON is YAML, so one parser reads both), bounded in size and depth."""
+    text = _read_spec_text(path)
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise SpecError("", f"{path} is not valid YAML/JSON: {error}", "fix the syntax at the line shown.") from error
+        raise SpecError(
+            "", f"{path} is not valid YAML/JSON: {_yaml_problem(error)}.", "fix the syntax at the line shown."
+        ) from None
+    except RecursionError:
+        raise SpecError("", f"{path} is nested deeper than the parser can follow.", "flatten the document.") from None
+    trust.check_shape(document)
     if not isinstance(document, dict):
         raise SpecError("", f"{path} must hold a mapping, got {_show(document)}.", "see dags/specs/ for examples.")
     return document
 
 
-def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -> SearchSpec:
-    """Validate a spec document (already parsed from YAML/JSON, with overrides applied)."""
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """One line: the parser's problem and where it is (its default text spans several lines)."""
+    parts = []
+    for text, mark in ((getattr(error, "context", None), getattr(error, "context_mark", None)),
+                       (getattr(error, "problem", None), getattr(error, "problem_mark", None))):  # fmt: skip
+        if text:
+            parts.append(f"{text} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(text))
+    return ": ".join(parts) or str(error).splitlines()[0]
+
+
+def _read_spec_text(path: str | os.PathLike[str]) -> str:
+    try:
+        with open(path, "rb") as handle:
+            payload = handle.read(MAX_SPEC_FILE_BYTES + 1)
+    except OSError as error:
+        problem = f"cannot read spec file {str(path)!r}: {error.strerror or error}."
+        raise SpecError("", problem, "check the path (a YAML or JSON file) and its permissions.") from None
+    if len(payload) > MAX_SPEC_FILE_BYTES:
+        raise SpecError("", f"{path} is larger than {MAX_SPEC_FILE_BYTES:,} bytes.", "a spec is a short document.")
+    try:
+        return payload.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(
+            "",
+            f"{path} is not UTF-8 text (byte {error.start}: {payload[error.start : error.start + 1]!r}).",
+            "save the spec as UTF-8 YAML or JSON.",
+        ) from None
+
+
+def parse_spec(
+    document: Mapping[str, Any], extra_allowed: Sequence[str] = (), policy: Policy | None = None
+) -> SearchSpec:
+    """Validate a spec document (already parsed from YAML/JSON, with overrides applied).
+
+    ``policy`` decides what the spec may build (default: :meth:`Policy.from_env` with ``extra_allowed``); a plan
+    carries the policy it was validated with, so a worker decides exactly as the planner did.
+    """
     if not isinstance(document, Mapping):
         raise SpecError("", f"must be a mapping, got {_show(document)}.", "see dags/specs/ for examples.")
+    trust.check_shape(document)
     raw = _json_ready(copy.deepcopy(dict(document)))
     unknown = sorted(set(raw) - _KNOWN_FIELDS)
     if unknown:
@@ -383,7 +289,7 @@ def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -
             f"unknown field (value {_show(raw[unknown[0]])}).",
             f"{hint}known fields are: {', '.join(sorted(_KNOWN_FIELDS))}.",
         )
-    allowed = allowed_prefixes(extra_allowed)
+    allowed = policy or Policy.from_env(extra_allowed)
 
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
@@ -399,7 +305,7 @@ def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -
         raise SpecError(
             "estimator", f"got {_show(estimator)}.", "give an object spec, e.g. {_target_: sklearn.svm.SVC}."
         )
-    check_object_specs(estimator, "estimator", allowed)
+    check(estimator, "estimator", allowed)
 
     param_grid = _parse_param_grid(raw.get("param_grid"), allowed)
     raw["param_grid"] = param_grid
@@ -431,7 +337,7 @@ def parse_spec(document: Mapping[str, Any], extra_allowed: Sequence[str] = ()) -
         resources=resources,
         max_fits=max_fits,
         backend=backend,
-        allowed=allowed,
+        policy=allowed,
         raw=raw,
     )
 
@@ -445,9 +351,9 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _parse_data(value: Any, allowed: Sequence[str]) -> dict[str, Any]:
+def _parse_data(value: Any, allowed: Policy) -> dict[str, Any]:
     if is_object_spec(value):
-        check_object_specs(value, "data", allowed)
+        check(value, "data", allowed, role="data")
         return dict(value)
     if isinstance(value, Mapping) and "path" in value:
         unknown = sorted(set(value) - {"path", "target", "format", "columns"})
@@ -485,7 +391,7 @@ def _format_from_path(path: str) -> str | None:
     return None
 
 
-def _parse_param_grid(value: Any, allowed: Sequence[str]) -> list[dict[str, list[Any]]]:
+def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]:
     """sklearn's grid semantics: a mapping or a list of mappings of non-empty lists."""
     if isinstance(value, Mapping):
         grids, single = [value], True
@@ -517,12 +423,14 @@ def _parse_param_grid(value: Any, allowed: Sequence[str]) -> list[dict[str, list
                 )
             if not values:
                 raise SpecError(path, "got an empty list.", "give at least one value.")
-            check_object_specs(values, path, allowed)
+            for position, item in enumerate(values):
+                trust.check_parameter(str(param), item, f"{path}[{position}]", allowed)
+            check(values, path, allowed)
         checked.append(dict(grid))
     return checked
 
 
-def _parse_cv(value: Any, allowed: Sequence[str]) -> Any:
+def _parse_cv(value: Any, allowed: Policy) -> Any:
     if isinstance(value, bool) or not (isinstance(value, int) or is_object_spec(value)):
         raise SpecError(
             "cv",
@@ -533,7 +441,7 @@ def _parse_cv(value: Any, allowed: Sequence[str]) -> Any:
     if isinstance(value, int) and value < 2:
         raise SpecError("cv", f"got {value}; cross-validation needs at least 2 folds.", "write cv: 5.")
     if is_object_spec(value):
-        check_object_specs(value, "cv", allowed)
+        check(value, "cv", allowed)
     return value
 
 
@@ -651,4 +559,5 @@ def _parse_limits(value: Any) -> int:
     max_fits = value.get("max_fits", DEFAULT_MAX_FITS)
     if isinstance(max_fits, bool) or not isinstance(max_fits, int) or max_fits < 1:
         raise SpecError("limits.max_fits", f"got {_show(max_fits)}.", "give a positive integer.")
+    trust.check_max_fits(max_fits)
     return max_fits

@@ -64,7 +64,7 @@ def sklearn_search(spec_path: str, parallel: int) -> dict[str, list[float]]:
     spec = parse_spec(load_spec_file(spec_path))
     estimator = grid.build_estimator(spec)
     dataset = data.load(spec, estimator)
-    param_grid = [{k: [build(v, k, spec.allowed) for v in vs] for k, vs in g.items()} for g in spec.param_grid]
+    param_grid = [{k: [build(v, k, spec.policy) for v in vs] for k, vs in g.items()} for g in spec.param_grid]
     search = GridSearchCV(
         estimator, param_grid, cv=data.make_folds(spec, estimator, dataset.X, dataset.y), scoring=spec.scoring,
         refit=False, n_jobs=parallel, error_score=spec.error_score,

@@ -27,6 +27,7 @@ from numpy.testing import assert_array_equal
 from sklearn.base import BaseEstimator
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
+from sklearn.decomposition import PCA
 from sklearn.exceptions import FitFailedWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV, KFold, ShuffleSplit, StratifiedKFold, train_test_split
@@ -294,12 +295,22 @@ def _holdout_stratified() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
     return spec, reference
 
 
+PCA_SVC = {
+    "_target_": "sklearn.pipeline.Pipeline",
+    "steps": [["pca", {"_target_": "sklearn.decomposition.PCA"}], ["clf", {"_target_": "sklearn.svm.SVC"}]],
+}
+
+
+def _pca_svc() -> Pipeline:
+    return Pipeline([("pca", PCA()), ("clf", SVC())])
+
+
 def _failing_candidate_nan() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
-    # gamma=-1 passes set_params (so the plan accepts it) but fails sklearn's parameter validation in fit
+    # n_components=10 is a valid value (the plan accepts it) that iris's 4 features cannot satisfy: every fit fails
     spec = {
         "data": {"_target_": "sklearn.datasets.load_iris", "return_X_y": True},
-        "estimator": {"_target_": "sklearn.svm.SVC"},
-        "param_grid": {"gamma": ["scale", -1.0, 0.5]},
+        "estimator": PCA_SVC,
+        "param_grid": {"pca__n_components": [2, 10, 3]},
         "cv": 3,
         "scoring": "accuracy",
         "error_score": float("nan"),
@@ -309,7 +320,14 @@ def _failing_candidate_nan() -> tuple[dict[str, Any], Callable[[Path], Reference
     def reference(_: Path) -> Reference:
         X, y = load_iris(return_X_y=True)
         return Reference(
-            SVC(), {"gamma": ["scale", -1.0, 0.5]}, X, y, cv=3, scoring="accuracy", return_train_score=True, n_failed=1
+            _pca_svc(),
+            {"pca__n_components": [2, 10, 3]},
+            X,
+            y,
+            cv=3,
+            scoring="accuracy",
+            return_train_score=True,
+            n_failed=1,
         )
 
     return spec, reference
@@ -332,7 +350,8 @@ def _partial_failures_numeric_error_score() -> tuple[Callable[[Path], dict[str, 
         return {
             "data": {"path": str(_one_class_fold(directory))},
             "estimator": {"_target_": "sklearn.linear_model.LogisticRegression"},
-            "param_grid": {"C": [-1.0, 0.1, 1.0]},  # C=-1 fails every fold; the others fail on fold 2 only
+            # class "5" does not exist, so that candidate fails every fold; the others fail on fold 2 only
+            "param_grid": [{"C": [0.1, 1.0]}, {"class_weight": [{"5": 1.0}]}],
             "cv": {"_target_": "sklearn.model_selection.KFold", "n_splits": 3},
             "scoring": ["accuracy", "balanced_accuracy", "neg_log_loss"],  # log loss fails on one-class test folds
             "refit": "accuracy",
@@ -345,7 +364,7 @@ def _partial_failures_numeric_error_score() -> tuple[Callable[[Path], dict[str, 
             X, y = arrays["X"], arrays["y"]
         return Reference(
             LogisticRegression(),
-            {"C": [-1.0, 0.1, 1.0]},
+            [{"C": [0.1, 1.0]}, {"class_weight": [{"5": 1.0}]}],
             X,
             y,
             cv=KFold(n_splits=3),
@@ -636,14 +655,15 @@ def test_error_score_raise_fails_like_gridsearchcv(tmp_path: Path) -> None:
     """A fit error under error_score=raise: both fail with the same error; the other candidates stay stored."""
     document = {
         "data": {"_target_": "sklearn.datasets.load_iris", "return_X_y": True},
-        "estimator": {"_target_": "sklearn.svm.SVC"},
-        "param_grid": {"gamma": ["scale", -1.0, 0.5]},
+        "estimator": PCA_SVC,
+        "param_grid": {"pca__n_components": [2, 10, 3]},
         "cv": 3,
         "scoring": "accuracy",
         "error_score": "raise",
     }
     X, y = load_iris(return_X_y=True)
-    search = GridSearchCV(SVC(), {"gamma": ["scale", -1.0, 0.5]}, cv=3, scoring="accuracy", error_score="raise")
+    grid = {"pca__n_components": [2, 10, 3]}
+    search = GridSearchCV(_pca_svc(), grid, cv=3, scoring="accuracy", error_score="raise")
     with pytest.raises(ValueError) as raised:
         search.fit(X, y)
 
@@ -651,9 +671,11 @@ def test_error_score_raise_fails_like_gridsearchcv(tmp_path: Path) -> None:
     run = run_cli(tmp_path, spec_path)
     assert run.completed.returncode == 1, run.completed.stdout + run.completed.stderr
     stderr = run.completed.stderr
-    assert "candidate 1 (gamma=-1)" in stderr
-    # The worker's last line is sklearn's own error, as GridSearchCV raised it (naming SVC, not cross_validate).
-    expected = f"{type(raised.value).__module__}.{type(raised.value).__qualname__}: {raised.value}"
+    assert "candidate 1 (n_components=10)" in stderr
+    # The worker's last line is sklearn's own error, as GridSearchCV raised it.
+    module = type(raised.value).__module__
+    name = type(raised.value).__qualname__ if module == "builtins" else f"{module}.{type(raised.value).__qualname__}"
+    expected = f"{name}: {raised.value}"
     assert _sorted_sets(stderr.strip().splitlines()[-1]) == _sorted_sets(expected)
     assert not (run.out / "cv_results.json").exists()
     stored = sorted((tmp_path / "store" / "results").glob("*/*.json"))
@@ -661,7 +683,7 @@ def test_error_score_raise_fails_like_gridsearchcv(tmp_path: Path) -> None:
     assert {json.loads(path.read_text())["index"] for path in stored} == {0, 2}
 
     # Fixed by dropping the failing value: the two stored candidates are not fitted again.
-    document["param_grid"] = {"gamma": ["scale", 0.5]}
+    document["param_grid"] = {"pca__n_components": [2, 3]}
     rerun = run_cli(tmp_path, write_spec(tmp_path, "raise", document), out_name="fixed")
     _check_ok(rerun)
     assert "evaluated 2 candidates: 0 fitted, 2 from store" in rerun.completed.stdout

@@ -288,11 +288,12 @@ REFUSED_TARGETS = [
     pytest.param("builtins.eval", "'builtins.' can run code", id="builtins.eval"),
     pytest.param("subprocess.Popen", "'subprocess.' can run code", id="subprocess.Popen"),
     pytest.param("subprocess.run", "'subprocess.' can run code", id="subprocess.run"),
-    pytest.param(
-        "sklearn.datasets.dump_svmlight_file", "'dump_svmlight_file' reads or writes files", id="sklearn-file-writer"
-    ),
+    pytest.param("sklearn.datasets.dump_svmlight_file", "it is a function", id="sklearn-file-writer"),
+    pytest.param("sklearn.datasets.fetch_openml", "it is a function", id="sklearn-downloader"),
     pytest.param("sklearn.utils._testing.something", "'_testing' is private", id="sklearn-private"),
-    pytest.param("numpy.load", "not under an allowed prefix (sklearn.)", id="numpy.load-not-allowlisted"),
+    pytest.param("numpy.load", "not under an allowed prefix (sklearn., scipy.stats.)", id="numpy.load-not-allowlisted"),
+    pytest.param("sklearn.base.platform.os.system", "passes through module 'platform'", id="through-a-module"),
+    pytest.param("sklearn.utils.Bunch", "it is a class, but not an estimator", id="sklearn-non-estimator-class"),
 ]
 
 
@@ -354,12 +355,22 @@ class Canary:
     def imported(self) -> bool:
         return self.module in sys.modules or self.marker.exists()
 
+    @property
+    def called(self) -> bool:
+        return self.marker.with_name("called").exists()
+
 
 @pytest.fixture
 def canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Canary]:
     module = f"airflow_grid_canary_{uuid.uuid4().hex[:12]}"
     marker = tmp_path / "imported"
-    source = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n\n\ndef make(**kwargs):\n    return kwargs\n"
+    called = tmp_path / "called"
+    source = (
+        f"import pathlib\nfrom sklearn.base import BaseEstimator\npathlib.Path({str(marker)!r}).touch()\n\n\n"
+        f"class Model(BaseEstimator):\n    def __init__(self, alpha=1):\n"
+        f"        pathlib.Path({str(called)!r}).touch()\n        self.alpha = alpha\n\n\n"
+        f"def dump_all(**kwargs):\n    pathlib.Path({str(called)!r}).touch()\n"
+    )
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     yield Canary(module, marker)
@@ -369,9 +380,8 @@ def canary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Canary]:
 @pytest.mark.parametrize(
     ("extra_allowed", "attribute", "reason"),
     [
-        pytest.param((), "make", "not under an allowed prefix", id="not-allowlisted"),
+        pytest.param((), "Model", "not under an allowed prefix", id="not-allowlisted"),
         pytest.param(("{module}.",), "_hidden", "'_hidden' is private", id="private-under-allowed-prefix"),
-        pytest.param(("{module}.",), "dump_all", "'dump_all' reads or writes files", id="writer-under-allowed-prefix"),
     ],
 )
 @pytest.mark.parametrize("place", LOCATIONS)
@@ -390,11 +400,19 @@ def test_refusing_imports_nothing(
     assert not canary.imported
 
 
-def test_validation_never_imports_and_build_imports_allowed_target(iris_doc: Doc, canary: Canary) -> None:
-    spec = parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.make", "alpha": 1}), (f"{canary.module}.",))
-    assert not canary.imported  # validating a spec imports nothing it names
-    assert build(spec.estimator, "estimator", spec.allowed) == {"alpha": 1}
-    assert canary.imported
+def test_validation_calls_nothing_and_build_calls_the_allowed_class(iris_doc: Doc, canary: Canary) -> None:
+    spec = parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.Model", "alpha": 1}), (f"{canary.module}.",))
+    assert canary.imported and not canary.called  # the object is checked, never called, at validation
+    assert build(spec.estimator, "estimator", spec.policy).alpha == 1
+    assert canary.called
+
+
+def test_functions_under_an_allowed_prefix_are_refused(iris_doc: Doc, canary: Canary) -> None:
+    """A deployment prefix admits estimator classes, not every function of the module (such as a writer)."""
+    target = f"{canary.module}.dump_all"
+    with pytest.raises(SpecError, match=says("estimator._target_", "it is a function", "ALLOWED_CALLABLES")):
+        parse_spec(iris_doc(estimator={"_target_": target}), (f"{canary.module}.",))
+    assert not canary.called
 
 
 @pytest.mark.parametrize(
@@ -409,13 +427,13 @@ def test_allowlist_from_environment(
     iris_doc: Doc, canary: Canary, monkeypatch: pytest.MonkeyPatch, setting: str
 ) -> None:
     monkeypatch.setenv(ALLOWED_TARGETS_ENV, setting.format(module=canary.module))
-    spec = parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.make"}))
+    spec = parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.Model"}))
     assert spec.allowed[0] == "sklearn."
     assert any(canary.module in prefix for prefix in spec.allowed)
 
 
 def test_allowlist_from_caller(iris_doc: Doc, canary: Canary) -> None:
-    target = f"{canary.module}.make"
+    target = f"{canary.module}.Model"
     with pytest.raises(SpecError, match="not under an allowed prefix"):
         parse_spec(iris_doc(estimator={"_target_": target}))
     spec = parse_spec(iris_doc(estimator={"_target_": target}), extra_allowed=(f"{canary.module}.",))
@@ -423,9 +441,9 @@ def test_allowlist_from_caller(iris_doc: Doc, canary: Canary) -> None:
 
 
 def test_prefix_without_dot_covers_whole_module_names_only(iris_doc: Doc, canary: Canary) -> None:
-    parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.make"}), extra_allowed=(canary.module,))
+    parse_spec(iris_doc(estimator={"_target_": f"{canary.module}.Model"}), extra_allowed=(canary.module,))
     with pytest.raises(SpecError, match=says("estimator._target_", "not under an allowed prefix")):
-        parse_spec(iris_doc(estimator={"_target_": f"{canary.module}_evil.make"}), extra_allowed=(canary.module,))
+        parse_spec(iris_doc(estimator={"_target_": f"{canary.module}_evil.Model"}), extra_allowed=(canary.module,))
 
 
 def test_empty_prefix_allows_nothing_new(iris_doc: Doc) -> None:

@@ -12,23 +12,13 @@ from airflow.sdk import BaseOperator, Context, conf
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_grid import overrides
+from airflow_grid import policy as trust
 from airflow_grid.plan import make_plan
+from airflow_grid.policy import DATA_PATH_VARIABLES
 from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
 
 DEFAULT_POOL = "grid_fits"
-
-
-# What data.path may use besides {{ dataset_version }}: the run's dates and params, never secrets (var, conn).
-DATA_PATH_VARIABLES = (
-    "ds",
-    "ds_nodash",
-    "logical_date",
-    "data_interval_start",
-    "data_interval_end",
-    "run_id",
-    "params",
-)
 
 
 class PlanGridSearchOperator(BaseOperator):
@@ -67,24 +57,18 @@ class PlanGridSearchOperator(BaseOperator):
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
         params = dict(context["params"])
-        self._check_spec_path(params.get("spec_path"))
-        self._check_pool()
-        document, applied = overrides.spec_document(self.spec_path, params)
-        extras = [event.extra for events in _asset_events(context).values() for event in events]
-        version, source = overrides.dataset_version(params, extras, context.get("logical_date"))
-        data = document.get("data")
-        if isinstance(data, dict) and isinstance(data.get("path"), str):
-            if version is None and "dataset_version" in data["path"]:
-                # The fingerprint fallback needs the data loaded: it cannot choose the file (it would read "None").
-                raise AirflowFailException(
-                    f"data.path {data['path']!r} depends on dataset_version, but this run has none (no "
-                    "dataset_version param, no asset event with extra.dataset_version, no logical date). Fix: "
-                    'trigger with conf {"dataset_version": "<version>"}.'
-                )
-            document["data"] = {**data, "path": self._render_data_path(data["path"], context, version)}
-            if params.get("spec"):
-                self._check_data_root(document["data"]["path"])
         try:
+            if params.get("spec_path"):
+                trust.check_spec_path(params["spec_path"], self.spec_dirs)
+        except SpecError as error:
+            raise AirflowFailException(f"invalid spec: {error}") from None
+        self._check_pool()
+        try:
+            document, applied = overrides.spec_document(self.spec_path, params)
+            extras = [event.extra for events in _asset_events(context).values() for event in events]
+            version, source = overrides.dataset_version(params, extras, context.get("logical_date"))
+            trust.check_dataset_version(version, source)
+            self._resolve_data_path(document, context, version, untrusted=bool(params.get("spec")))
             spec = parse_spec(document, self.extra_allowed)
             self._check_backend(spec)
             if math.ceil(spec.resources.cpu) > self.pool_slots_per_candidate:
@@ -135,6 +119,31 @@ class PlanGridSearchOperator(BaseOperator):
         )  # fmt: skip
         return items
 
+    def _resolve_data_path(
+        self, document: dict[str, Any], context: Context, version: str | None, *, untrusted: bool
+    ) -> None:
+        """Render ``data.path`` and, when conf chose it (a whole spec, or a version in a template), check its root."""
+        data = document.get("data")
+        if not (isinstance(data, dict) and isinstance(data.get("path"), str)):
+            return
+        template = data["path"]
+        if version is None and "dataset_version" in template:
+            # The fingerprint fallback needs the data loaded: it cannot choose the file (it would read "None").
+            raise AirflowFailException(
+                f"data.path {template!r} depends on dataset_version, but this run has none (no "
+                "dataset_version param, no asset event with extra.dataset_version, no logical date). Fix: "
+                'trigger with conf {"dataset_version": "<version>"}.'
+            )
+        document["data"] = {**data, "path": self._render_data_path(template, context, version)}
+        roots = self._data_roots()
+        if untrusted or ("{{" in template and roots):
+            trust.check_data_root(document["data"]["path"], roots)
+
+    def _data_roots(self) -> tuple[str, ...]:
+        if self.data_roots is not None:
+            return self.data_roots
+        return tuple(trust.default_data_roots(load_spec_file(self.spec_path)))  # where the DAG's own spec reads
+
     def _render_data_path(self, path: str, context: Context, version: str | None) -> str:
         """Render ``data.path`` with the run's dates, params and dataset version, and nothing else.
 
@@ -152,20 +161,6 @@ class PlanGridSearchOperator(BaseOperator):
                 f"{', '.join('{{ ' + name + ' }}' for name in ('dataset_version', *DATA_PATH_VARIABLES))} in it."
             ) from None
 
-    def _check_data_root(self, path: str) -> None:
-        """UI conf is untrusted: a whole spec from conf may only read data under the DAG's data roots."""
-        roots = self.data_roots
-        if roots is None:  # default: where the DAG's own spec reads its data
-            roots = tuple(overrides.default_data_roots(load_spec_file(self.spec_path)))
-        if overrides.path_within(path, roots):
-            return
-        where = f"under {list(roots)} (this DAG's data roots)" if roots else "nowhere: this DAG has no data roots"
-        raise AirflowFailException(
-            f"invalid spec: spec.data.path: got {path!r}; a spec passed in the run's conf may read files {where}. "
-            "Fix: use a path under a data root, a `_target_` loader, or a spec file of the DAG's specs directory "
-            "(spec_path); or build the DAG with data_roots=[...] naming where tuning data lives."
-        )
-
     def _check_backend(self, spec: SearchSpec) -> None:
         if spec.backend not in self.backends:
             raise SpecError(
@@ -179,18 +174,6 @@ class PlanGridSearchOperator(BaseOperator):
                 "resources",
                 f"got {given!r}; the kubernetes backend needs explicit CPU and memory limits for every pod.",
                 "write resources: {cpu: 1, memory: 2Gi}.",
-            )
-
-    def _check_spec_path(self, requested: str | None) -> None:
-        """UI conf is untrusted: ``spec_path`` may only name a file inside the DAG's spec directories."""
-        if not requested:
-            return
-        resolved = Path(requested).resolve()
-        allowed = [Path(d).resolve() for d in self.spec_dirs]
-        if not any(resolved.is_relative_to(d) for d in allowed) or not resolved.is_file():
-            raise AirflowFailException(
-                f"spec_path {requested!r} is not a spec file in {[str(d) for d in allowed]}. "
-                "Fix: name a file in the DAG's specs directory, or pass the whole spec in the spec param."
             )
 
     def _check_pool(self) -> None:
