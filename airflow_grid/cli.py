@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airflow_grid import cv, results
+from airflow_grid import launch, results, versions
 from airflow_grid.plan import Plan, make_plan
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -38,6 +38,7 @@ def plan_command(args: argparse.Namespace) -> int:
     print(f"budget guard: {document['n_fits']} <= limits.max_fits={spec.max_fits}: ok")
     print(f"resources per candidate: {spec.resources.to_json()} -> n_jobs <= {spec.resources.n_jobs}")
     print(f"data: {document['n_samples']} search rows, fingerprint {document['data_fingerprint'][:12]}")
+    print(f"keys name: {versions.describe(document['versions'])}, result format {document['result_format']}")
     print(f"plan: {plan.uri}")
     store = Store(plan.store_root)
     for candidate in plan.candidates:
@@ -75,10 +76,10 @@ def run_command(args: argparse.Namespace) -> int:
     )
 
     if not args.no_refit:
-        outcome = _run_worker(
-            ["refit", "--plan", plan.uri, "--candidate", str(best), "--model", str(out / "model.joblib")],
-            spec.resources.cpu,
+        refit = launch.worker_command(
+            "refit", plan.uri, best, out=None, memory_bytes=spec.resources.memory_bytes, model=str(out / "model.joblib")
         )
+        outcome = _run_worker(refit, spec.resources.cpu)
         summary["holdout_score"] = outcome["holdout_score"]
         summary["model_path"] = outcome["model_path"]
         (out / "best.json").write_text(json.dumps(summary, indent=1))
@@ -87,6 +88,19 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={score:.4f}")
         print(f"model: {outcome['model_path']}")
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def gc_command(args: argparse.Namespace) -> int:
+    """Apply the store's retention rules (:mod:`airflow_grid.retention`) and print what was freed and kept."""
+    from airflow_grid import retention
+
+    try:
+        report = retention.gc(Store(args.store), args.keep_plans, args.max_age, args.in_use_window, args.dry_run)
+    except ValueError as error:
+        print(f"airflow-grid gc: {error}", file=sys.stderr)
+        return 2
+    print(retention.render(report))
     return 0
 
 
@@ -132,8 +146,10 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_proces
     """Every candidate's result in candidate order: stored ones read, the rest run as worker processes.
 
     ``per_process`` candidates share one worker process, amortising its ~1.5 s of imports over several fits.
+    Each process runs inside the spec's CPU budget and its memory budget (``resources.memory``, all its processes).
     """
     candidates = plan.candidates
+    memory = plan.spec.resources.memory_bytes
     done: dict[int, dict[str, Any]] = {}
     failures: dict[int, str] = {}
     pending = []
@@ -156,12 +172,10 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_proces
                 first = chunk[0]["index"]
                 out_path = Path(scratch) / f"{first}.json"
                 log = open(Path(scratch) / f"{first}.log", "w+b")  # noqa: SIM115 (closed below)
-                arguments = ["evaluate", "--plan", plan.uri, "--out", str(out_path)]
-                for candidate in chunk:
-                    arguments += ["--candidate", str(candidate["index"])]
-                process = subprocess.Popen(
-                    _worker_command(arguments), stdout=log, stderr=subprocess.STDOUT, env=_worker_env(cpu)
+                command = launch.worker_command(
+                    "evaluate", plan.uri, [c["index"] for c in chunk], out=str(out_path), memory_bytes=memory
                 )
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=launch.worker_env(cpu))
                 running[first] = (process, out_path, log, chunk)
             time.sleep(0.05)
             for first, (process, out_path, log, chunk) in list(running.items()):
@@ -208,19 +222,12 @@ def _progress(count: int, total: int, candidate: dict[str, Any], result: dict[st
     print(f"[{count:>{len(str(total))}}/{total}] {candidate['label']}: {status}", flush=True)
 
 
-def _worker_command(arguments: list[str]) -> list[str]:
-    return [sys.executable, "-m", "airflow_grid.worker", *arguments]
-
-
-def _worker_env(cpu: float) -> dict[str, str]:
-    _, threads = cv.budget(cpu, 1)
-    return {**os.environ, **cv.thread_env(threads)}
-
-
-def _run_worker(arguments: list[str], cpu: float) -> dict[str, Any]:
-    completed = subprocess.run(_worker_command(arguments), capture_output=True, text=True, env=_worker_env(cpu))
+def _run_worker(command: list[str], cpu: float) -> dict[str, Any]:
+    """Run one worker (built by the launcher) to completion; its JSON outcome comes on stdout."""
+    completed = subprocess.run(command, capture_output=True, text=True, env=launch.worker_env(cpu))
     if completed.returncode != 0:
-        raise RunFailed(f"worker {arguments[0]} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+        action = command[3] if len(command) > 3 else "worker"
+        raise RunFailed(f"worker {action} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
     outcome: dict[str, Any] = json.loads(completed.stdout)
     return outcome
 
@@ -250,9 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     render.add_argument("spec")
     render.add_argument("--image", help="worker image (default $AIRFLOW_GRID_K8S_IMAGE)")
     render.add_argument("--namespace", help="namespace (default $AIRFLOW_GRID_K8S_NAMESPACE or default)")
+    gc = commands.add_parser(
+        "gc", help="delete old plans and results; keeps the newest plans per study, young results and plans in use"
+    )
+    gc.add_argument("--keep-plans", type=int, default=3, help="plans kept per study, newest first (default 3)")
+    gc.add_argument("--max-age", default="30d", help="results no kept plan names are deleted after this (30d)")
+    gc.add_argument("--in-use-window", default="24h", help="a plan touched within this is in use: kept (24h)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     args = parser.parse_args(argv)
     try:
-        commands_by_name = {"plan": plan_command, "run": run_command, "render": render_command}
+        commands_by_name = {"plan": plan_command, "run": run_command, "render": render_command, "gc": gc_command}
         return commands_by_name[args.command](args)
     except SpecError as error:
         print(f"airflow-grid: invalid spec: {error}", file=sys.stderr)

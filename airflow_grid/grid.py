@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import ParameterGrid
 
+from airflow_grid import versions as library_versions
 from airflow_grid.spec import TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
 
 
@@ -42,38 +44,119 @@ def expand(spec: SearchSpec) -> list[Candidate]:
 
 def build_estimator(spec: SearchSpec, params: dict[str, Any] | None = None) -> BaseEstimator:
     """The spec's estimator with a candidate's params set, exactly as GridSearchCV sets them."""
-    estimator = build(spec.estimator, "estimator", spec.allowed)
+    estimator = build(spec.estimator, "estimator", spec.policy)
     if not params:
         return estimator
-    built = {name: build(value, f"param_grid.{name}", spec.allowed) for name, value in params.items()}
+    built = {name: build(value, f"param_grid.{name}", spec.policy) for name, value in params.items()}
     return clone(estimator).set_params(**clone(built, safe=False))
 
 
 _INVALID_PARAMETER = re.compile(r"Invalid parameter '([^']+)'")
+_INVALID_VALUE = re.compile(r"The '([^']+)' parameter of (\w+) must be")
 
 
 def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
-    """Set every candidate's params on a clone of the estimator, so unknown parameters fail at plan time.
+    """Set every candidate's params on a clone of the estimator and validate the values, at plan time.
 
-    The error names the candidate, the parameter with its value and the param_grid mapping it comes from (a
-    parameter can exist on one swapped-in estimator and not on another).
+    Unknown parameter names and values scikit-learn's own parameter validation refuses (``max_depth: deep``,
+    ``criterion: bogus``, malformed pipeline steps) fail here, before any task runs, naming the candidate, the
+    parameter with its value and the param_grid mapping it comes from.
     """
     base = build_estimator(spec)
+    try:
+        validate_values(base, params=False)  # the estimator's structure, before any candidate's values
+    except Exception as error:
+        raise SpecError(
+            "estimator", f"{type(error).__name__}: {error}", "give pipeline steps as [name, {_target_: ...}] pairs."
+        ) from None
     for candidate in candidates:
         prefix = _grid_path(spec, candidate.index)
-        built = {name: build(value, f"{prefix}.{name}", spec.allowed) for name, value in candidate.params.items()}
+        built = {name: build(value, f"{prefix}.{name}", spec.policy) for name, value in candidate.params.items()}
         try:
-            clone(base).set_params(**clone(built, safe=False))
-        except ValueError as error:
+            estimator = clone(base).set_params(**clone(built, safe=False))
+        except Exception as error:
             match = _INVALID_PARAMETER.search(str(error))
-            bad = next((n for n in sorted(candidate.params) if match and n.rsplit("__", 1)[-1] == match[1]), None)
-            setting = f" {bad}={_show_param(candidate.params[bad])}" if bad else ""
-            raise SpecError(
-                f"{prefix}.{bad}" if bad else prefix,
-                f"candidate {candidate.index} ({candidate.label}) cannot set{setting} on the estimator: {error}",
-                "use parameter names the estimator has (step__param for pipeline steps); "
-                "estimator.get_params().keys() lists them.",
-            ) from error
+            raise _candidate_error(spec, candidate, prefix, match[1] if match else None, "cannot set", error) from None
+        try:
+            validate_values(estimator)
+        except Exception as error:
+            match = _INVALID_VALUE.search(str(error))
+            raise _candidate_error(spec, candidate, prefix, match[1] if match else None, "has", error) from None
+
+
+def _candidate_error(
+    spec: SearchSpec, candidate: Candidate, prefix: str, name: str | None, verb: str, error: Exception
+) -> SpecError:
+    bad = next((n for n in sorted(candidate.params) if name and n.rsplit("__", 1)[-1] == name), None)
+    setting = f" {bad}={_show_param(candidate.params[bad])}" if bad else ""
+    where = f"{prefix}.{bad}" if bad else ("estimator" if name or not candidate.params else prefix)
+    if verb == "cannot set":
+        problem = f"candidate {candidate.index} ({candidate.label}) cannot set{setting} on the estimator: {error}"
+        fix = (
+            "use parameter names the estimator has (step__param for pipeline steps); "
+            "estimator.get_params().keys() lists them."
+        )
+    else:
+        problem = f"candidate {candidate.index} ({candidate.label}) has an invalid value{setting}: {error}"
+        fix = "use a value scikit-learn accepts for that parameter (its docstring lists them)."
+    return SpecError(where, problem, fix)
+
+
+def validate_values(estimator: Any, *, params: bool = True) -> None:
+    """scikit-learn's own parameter validation, run now rather than at fit, on every estimator in the tree.
+
+    Uses each estimator's ``_validate_params`` (the check ``fit`` runs first) and the composition checks of
+    Pipeline, FeatureUnion and ColumnTransformer, so what fit would refuse for its parameters alone is refused
+    at plan. Data-dependent checks (``n_components`` > features) stay at fit, as failed fits.
+    """
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import FeatureUnion, Pipeline
+
+    for obj in _estimators(estimator):
+        if params and hasattr(obj, "_parameter_constraints") and callable(getattr(obj, "_validate_params", None)):
+            obj._validate_params()
+        if isinstance(obj, Pipeline):
+            if not obj.steps:
+                raise ValueError("The pipeline has no steps.")
+            obj._validate_steps()
+        elif isinstance(obj, FeatureUnion | ColumnTransformer):
+            obj._validate_transformers()
+
+
+def _estimators(root: Any) -> list[Any]:
+    """Every estimator reachable from ``root`` through its parameters (steps, transformers, inner estimators)."""
+    found: list[Any] = []
+    stack = [root]
+    seen: set[int] = set()
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, BaseEstimator):
+            found.append(value)
+            stack.extend(value.get_params(deep=False).values())
+        elif isinstance(value, list | tuple):
+            stack.extend(value)
+        elif isinstance(value, Mapping):
+            stack.extend(value.values())
+    return found
+
+
+def count_candidates(spec: SearchSpec) -> int:
+    """How many candidates the grid holds, by arithmetic: nothing is expanded or built."""
+    return sum(math.prod(len(values) for values in mapping.values()) for mapping in spec.param_grid)
+
+
+def min_splits(spec: SearchSpec) -> int:
+    """The fold count when known without data (an int, or a splitter that can tell), else the minimum, 2."""
+    if isinstance(spec.cv, int):
+        return spec.cv
+    try:
+        n_splits = build(spec.cv, "cv", spec.policy).get_n_splits()
+    except Exception:  # splitters such as LeaveOneOut need the data: the exact check runs after the folds
+        return 2
+    return n_splits if isinstance(n_splits, int) and n_splits >= 2 else 2
 
 
 def _grid_path(spec: SearchSpec, index: int) -> str:
@@ -103,17 +186,26 @@ def check_budget(spec: SearchSpec, n_candidates: int, n_splits: int) -> int:
     if n_fits > spec.max_fits:
         raise SpecError(
             "limits.max_fits",
-            f"the grid has {n_candidates} candidates x {n_splits} folds = {n_fits} fits, more than "
-            f"max_fits={spec.max_fits}.",
+            f"the grid has {n_candidates:,} candidates x {n_splits} folds = {n_fits:,} fits, more than "
+            f"max_fits={spec.max_fits:,}.",
             "shrink param_grid or cv, or raise limits.max_fits if the cluster can afford it.",
         )
     return n_fits
 
 
 def candidate_key(
-    spec: SearchSpec, params: dict[str, Any], folds_hash: str, data_fingerprint: str, sklearn_version: str
+    spec: SearchSpec,
+    params: dict[str, Any],
+    folds_hash: str,
+    data_fingerprint: str,
+    versions: Mapping[str, str],
+    result_format: int | None = None,
 ) -> str:
-    """Content hash of everything that decides a candidate's scores; equal keys mean reusable results."""
+    """Content hash of everything that decides a candidate's scores; equal keys mean reusable results.
+
+    ``versions`` (:func:`airflow_grid.versions.runtime_versions`) and the result format are in it, so a library
+    upgrade or a new result layout never serves an old result.
+    """
     return content_hash(
         {
             "estimator": spec.estimator,
@@ -123,7 +215,8 @@ def candidate_key(
             "error_score": "raise" if spec.error_score == "raise" else repr(spec.error_score),
             "return_train_score": spec.return_train_score,
             "data": data_fingerprint,
-            "sklearn": sklearn_version,
+            "versions": dict(versions),
+            "result_format": library_versions.RESULT_FORMAT if result_format is None else result_format,
         }
     )
 

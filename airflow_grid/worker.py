@@ -1,11 +1,13 @@
 """The one entrypoint that runs candidates, identical in a local process and in a pod.
 
-    python -m airflow_grid.worker evaluate --plan URI --candidate N [--candidate M ...] [--out PATH]
-    python -m airflow_grid.worker refit --plan URI --candidate N --model PATH [--out PATH]
+    python -m airflow_grid.worker evaluate --plan URI --candidate N [--candidate M ...] [--out P] [--memory-limit B]
+    python -m airflow_grid.worker refit --plan URI --candidate N --model PATH [--out PATH] [--memory-limit B]
 
-It needs only the worker dependencies (sklearn, numpy, pandas, joblib, fsspec, pyyaml): no Airflow, no MLflow.
+It needs only the worker dependencies (sklearn, numpy, pandas, joblib, fsspec, pyyaml, psutil): no Airflow, no MLflow.
 A candidate already in the store is not fitted again. Exit codes: 0 done (failed fits are recorded as data
-per ``error_score``), 2 bad input (plan or candidate), 3 out of memory (nothing stored), 1 anything else,
+per ``error_score``), 2 bad input (plan, candidate, a memory budget too small to start, a plan naming other
+library versions than this worker runs, a snapshot whose size or sha256 is not plan.json's), 3 out of memory: the
+whole process tree went over ``--memory-limit`` (nothing stored; see limits.MemoryWatchdog), 1 anything else,
 including a fit error under ``error_score="raise"`` - Airflow retries those.
 """
 
@@ -36,8 +38,10 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
+    _check_versions(plan)  # before anything is served or fitted: this worker's keys must be the plan's keys
     spec = plan.spec
     store = Store(plan.store_root)
+    store.touch_in_use(plan.plan_id)
     candidates = plan.candidates
     results = []
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
@@ -54,12 +58,13 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
                 continue
             if loaded is None:
                 loaded = (
-                    data.read_table(store.local_path(_file(plan, "X"), cache)),
-                    data.read_table(store.local_path(_file(plan, "y"), cache)),
-                    data.read_folds(store.local_path(_file(plan, "folds"), cache)),
+                    data.read_table(_verified_path(plan, store, "X", cache)),
+                    data.read_table(_verified_path(plan, store, "y", cache)),
+                    data.read_folds(_verified_path(plan, store, "folds", cache)),
                 )
             X, y, folds = loaded
             estimator = grid.build_estimator(spec, candidate["params"])
+            capped = _cap_n_jobs(estimator, cv.budget(spec.resources.cpu, len(folds))[1], spec, index)
             started = time.perf_counter()
             scores = cv.evaluate(
                 estimator,
@@ -80,7 +85,9 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
                 **scores,
                 "elapsed_s": time.perf_counter() - started,
                 "peak_rss_bytes": _peak_rss_bytes(),
+                "n_jobs_capped": capped,
                 "sklearn_version": plan.document["sklearn_version"],
+                "versions": plan.document["versions"],
             }
             store.put_result(candidate["key"], result)
             results.append({**result, "from_store": False})
@@ -97,8 +104,10 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
+    _check_versions(plan)
     spec = plan.spec
     store = Store(plan.store_root)
+    store.touch_in_use(plan.plan_id)
     candidates = plan.candidates
     if not 0 <= index < len(candidates):
         raise BadInput(f"candidate {index} is out of range: the plan has {len(candidates)} candidates.")
@@ -106,9 +115,10 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
     _, threads = cv.budget(spec.resources.cpu, 1)
     os.environ.update(cv.thread_env(threads))
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache, threadpool_limits(limits=threads):
-        X = data.read_table(store.local_path(_file(plan, "X"), cache), mmap=False)
-        y = data.read_table(store.local_path(_file(plan, "y"), cache), mmap=False)
+        X = data.read_table(_verified_path(plan, store, "X", cache), mmap=False)
+        y = data.read_table(_verified_path(plan, store, "y", cache), mmap=False)
         estimator = grid.build_estimator(spec, candidate["params"])
+        capped = _cap_n_jobs(estimator, threads, spec, index)
         started = time.perf_counter()
         estimator.fit(X, y)
         fit_time = time.perf_counter() - started
@@ -120,12 +130,13 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
             "params": candidate["params"],
             "model_path": model_path,
             "fit_time": fit_time,
+            "n_jobs_capped": capped,
             "holdout_metric": spec.refit_metric,
             "holdout_score": None,
         }
         if plan.file("X_holdout"):
-            X_holdout = data.read_table(store.local_path(_file(plan, "X_holdout"), cache), mmap=False)
-            y_holdout = data.read_table(store.local_path(_file(plan, "y_holdout"), cache), mmap=False)
+            X_holdout = data.read_table(_verified_path(plan, store, "X_holdout", cache), mmap=False)
+            y_holdout = data.read_table(_verified_path(plan, store, "y_holdout", cache), mmap=False)
             scorer = check_scoring(estimator, scoring=spec.refit_scorer)
             outcome["holdout_score"] = float(scorer(estimator, X_holdout, y_holdout))
             outcome["n_holdout"] = len(y_holdout)
@@ -138,8 +149,52 @@ def _load(plan_uri: str) -> Any:
 
     try:
         return load_plan(plan_uri)
-    except (FileNotFoundError, KeyError, ValueError, SpecError) as error:
-        raise BadInput(f"cannot read the plan at {plan_uri!r}: {error}") from error
+    except (FileNotFoundError, KeyError, TypeError, ValueError, SpecError) as error:
+        raise BadInput(f"cannot read the plan at {plan_uri!r}: {error}; fix: {_REPLAN}.") from error
+
+
+_REPLAN = "re-run the plan task (or airflow-grid run): the planner rebuilds damaged snapshots"
+
+
+def _check_versions(plan: Any) -> None:
+    """Refuse a plan made under other library versions: its keys would label this worker's scores wrongly."""
+    from airflow_grid import versions
+
+    recorded = plan.document.get("versions") or {}
+    planned = {**recorded, "result-format": str(plan.document.get("result_format"))}
+    running = {**versions.versions_of(recorded), "result-format": str(versions.RESULT_FORMAT)}
+    theirs, ours = versions.mismatch(planned, running)
+    if theirs:
+        raise BadInput(
+            f"plan {plan.plan_id} names {versions.describe(theirs)} but this worker runs {versions.describe(ours)}; "
+            "nothing was fitted or stored. fix: re-plan the study with the worker's versions (rerun the DAG / "
+            "airflow-grid run), or run a worker image with the plan's versions."
+        )
+
+
+def _verified_path(plan: Any, store: Any, name: str, cache: str) -> str:
+    """A local copy of a snapshot file whose size and sha256 match plan.json: never a silently damaged input."""
+    from airflow_grid.store import file_check
+
+    relative = _file(plan, name)
+    expected = plan.document.get("file_checks", {}).get(name)
+    try:
+        path = store.local_path(relative, cache)
+        found = file_check(path)
+    except FileNotFoundError:
+        raise BadInput(f"snapshot {store.url(relative)} is missing; fix: {_REPLAN}.") from None
+    if found != expected:
+        raise BadInput(
+            f"snapshot {store.url(relative)} is damaged: {found['size']} bytes, sha256 {found['sha256'][:12]}, "
+            f"but plan.json records {_show_check(expected)}; nothing was fitted. fix: {_REPLAN}."
+        )
+    return path
+
+
+def _show_check(check: Any) -> str:
+    if not isinstance(check, dict):
+        return "no check for it (a plan from an older airflow-grid)"
+    return f"{check.get('size')} bytes, sha256 {str(check.get('sha256'))[:12]}"
 
 
 def _file(plan: Any, name: str) -> str:
@@ -156,14 +211,34 @@ def _peak_rss_bytes() -> int:
     return int(max(own, children) * 1024)
 
 
-def _limit_memory(limit: int) -> None:
-    """Cap this process's address space (inherited by joblib workers, so the cap is per process).
+def _cap_n_jobs(estimator: Any, limit: int, spec: Any, index: int) -> dict[str, dict[str, Any]]:
+    """Cap every ``n_jobs`` in the candidate to its CPU budget (see limits.cap_n_jobs) and say so on stderr."""
+    from airflow_grid import limits
 
-    A local stand-in for a container's memory limit: an over-budget fit raises MemoryError instead of pushing the
-    machine into swap. The Kubernetes backend enforces the real cgroup limit.
+    capped = limits.cap_n_jobs(estimator, limit)
+    for path, change in capped.items():
+        print(
+            f"airflow-grid worker: candidate {index}: capped {path}={change['asked']!r} to {change['used']} "
+            f"(resources.cpu={spec.resources.cpu_text})",
+            file=sys.stderr,
+        )
+    return capped
+
+
+def _guard_memory(limit: int) -> Any:
+    """Refuse a budget too small to start (bad input), then watch the whole process tree against it.
+
+    The fit's imports happen first, so the start-up figure is what every candidate pays before touching data.
     """
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    import psutil
+    import sklearn.model_selection  # noqa: F401 (measured into the start-up figure)
+
+    from airflow_grid import cv, data, grid, limits  # noqa: F401
+
+    problem = limits.startup_problem(limit, psutil.Process().memory_info().rss)
+    if problem:
+        raise BadInput(problem)
+    return limits.MemoryWatchdog(limit, limits.exit_out_of_memory(EXIT_OUT_OF_MEMORY)).start()
 
 
 def write_output(payload: dict[str, Any], out: str | None) -> None:
@@ -186,16 +261,19 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--plan", required=True, help="plan URI (store root/plans/<plan_id>)")
     evaluate.add_argument("--candidate", type=int, action="append", required=True, help="candidate index")
     evaluate.add_argument("--out", help="result JSON path (default: stdout)")
-    evaluate.add_argument("--memory-limit", type=int, help="address-space limit per process, bytes")
+    memory_help = "memory budget in bytes for all the worker's processes (default: $AIRFLOW_GRID_MEMORY_BYTES)"
+    evaluate.add_argument("--memory-limit", type=int, help=memory_help)
     refit = commands.add_parser("refit", help="fit a candidate on the whole search data")
     refit.add_argument("--plan", required=True)
     refit.add_argument("--candidate", type=int, required=True)
     refit.add_argument("--model", required=True, help="where to write model.joblib")
     refit.add_argument("--out", help="outcome JSON path (default: stdout)")
+    refit.add_argument("--memory-limit", type=int, help=memory_help)
     args = parser.parse_args(argv)
-    if getattr(args, "memory_limit", None):
-        _limit_memory(args.memory_limit)
+    memory_limit = args.memory_limit or int(os.environ.get("AIRFLOW_GRID_MEMORY_BYTES") or 0)  # launch.MEMORY_ENV
+    watchdog = None
     try:
+        watchdog = _guard_memory(memory_limit) if memory_limit else None
         if args.command == "evaluate":
             payload = evaluate_candidates(args.plan, args.candidate)
         else:
@@ -204,9 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"airflow-grid worker: bad input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryError as error:
-        limit = f" (limit {args.memory_limit} bytes)" if getattr(args, "memory_limit", None) else ""
+        limit = f" (budget {memory_limit} bytes)" if memory_limit else ""
         print(f"airflow-grid worker: out of memory{limit}; nothing was stored: {error}", file=sys.stderr)
         return EXIT_OUT_OF_MEMORY
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     write_output(payload, args.out)
     return 0
 

@@ -148,7 +148,7 @@ def test_guard_records_a_swallowed_lookup(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_expected_dags_exist(dagbag: DagBag) -> None:
-    assert set(dagbag.dags) == GRID_SEARCH_DAG_IDS | {DEFAULT_REFIT_DAG_ID}
+    assert set(dagbag.dags) == GRID_SEARCH_DAG_IDS | {DEFAULT_REFIT_DAG_ID, "grid_store_gc"}
     grid_dags = {dag_id for dag_id, dag in dagbag.dags.items() if "evaluate" in dag.task_dict}
     assert grid_dags == GRID_SEARCH_DAG_IDS
 
@@ -217,6 +217,12 @@ def test_schedules(dagbag: DagBag) -> None:
     assets = on_dataset.timetable.asset_condition.objects
     assert [a.name for a in assets if isinstance(a, Asset)] == ["digits_dataset"]
     assert dagbag.dags[DEFAULT_REFIT_DAG_ID].schedule is None  # triggered only
+
+
+def test_store_gc_dag_runs_weekly_one_task(dagbag: DagBag) -> None:
+    gc_dag = dagbag.dags["grid_store_gc"]
+    assert gc_dag.schedule == "@weekly" and not gc_dag.catchup
+    assert list(gc_dag.task_dict) == ["gc"]
 
 
 def test_refit_dag(dagbag: DagBag) -> None:
@@ -433,6 +439,26 @@ def test_asset_dataset_version_selects_the_data_file(
     assert plan.document["spec"]["data"]["path"] == str(tmp_path / "iris-v2.csv")
     assert plan.document["n_samples"] == 150
     assert context["ti"].pushed["plan"]["dataset_version"] == "v2"
+
+
+@pytest.mark.parametrize("version", ["../../etc/passwd#", "..", "v1/../../x", "a b"])
+@pytest.mark.parametrize("source", ["conf", "asset_event"])
+def test_a_dataset_version_cannot_climb_out_of_the_data_directory(
+    plan_operator: PlanGridSearchOperator,
+    tmp_path: Path,
+    iris_doc: Callable[..., dict[str, Any]],
+    version: str,
+    source: str,
+) -> None:
+    """Asset extras are not validated by Airflow: a version is checked as a name before it is rendered into a path."""
+    document = iris_doc()
+    document["data"] = {"path": str(tmp_path / "data" / "{{ dataset_version }}" / "iris.csv"), "target": "target"}
+    Path(plan_operator.spec_path).write_text(yaml.safe_dump(document))
+    asset = Asset(name="digits_dataset", uri="file:///datasets/digits")
+    params, events = ({"dataset_version": version}, {}) if source == "conf" else ({}, {asset: [
+        SimpleNamespace(extra={"dataset_version": version})]})  # fmt: skip
+    with pytest.raises(AirflowFailException, match=rf"spec\.dataset_version: got .*\(from {source}\).*Fix: "):
+        plan_operator.execute(_plan_context(params, events, DATE))  # type: ignore[arg-type]
 
 
 def test_templated_data_path_without_a_version_fails_at_plan(

@@ -159,7 +159,9 @@ def test_bad_object_spec_in_grid_fails_at_plan_time(iris_doc: Doc) -> None:
     ("n_candidates", "n_splits", "max_fits", "message"),
     [
         pytest.param(18, 5, 89, "18 candidates x 5 folds = 90 fits, more than max_fits=89", id="one-over"),
-        pytest.param(1000, 10, 5000, "1000 candidates x 10 folds = 10000 fits, more than max_fits=5000", id="default"),
+        pytest.param(
+            1000, 10, 5000, "1,000 candidates x 10 folds = 10,000 fits, more than max_fits=5,000", id="default"
+        ),
         pytest.param(18, 5, 90, None, id="at-limit"),
         pytest.param(1, 2, 5000, None, id="small"),
     ],
@@ -189,7 +191,7 @@ BASE_KEY_ARGS: dict[str, Any] = {
     "params": {"clf__C": 1},
     "folds_hash": "f" * 64,
     "data_fingerprint": "d" * 64,
-    "sklearn_version": "1.9.1",
+    "versions": {"numpy": "2.4.0", "scikit-learn": "1.9.1", "scipy": "1.17.0"},
 }
 
 
@@ -200,7 +202,11 @@ BASE_KEY_ARGS: dict[str, Any] = {
         pytest.param({}, {"params": {"clf__C": 1.5}}, id="params-float"),
         pytest.param({}, {"folds_hash": "e" * 64}, id="folds"),
         pytest.param({}, {"data_fingerprint": "c" * 64}, id="data"),
-        pytest.param({}, {"sklearn_version": "1.9.2"}, id="sklearn-version"),
+        pytest.param({}, {"versions": {**BASE_KEY_ARGS["versions"], "scikit-learn": "1.9.2"}}, id="sklearn-version"),
+        pytest.param({}, {"versions": {**BASE_KEY_ARGS["versions"], "numpy": "2.4.1"}}, id="numpy-version"),
+        pytest.param({}, {"versions": {**BASE_KEY_ARGS["versions"], "scipy": "1.17.1"}}, id="scipy-version"),
+        pytest.param({}, {"versions": {**BASE_KEY_ARGS["versions"], "xgboost": "3.1.0"}}, id="extra-library"),
+        pytest.param({}, {"result_format": 999}, id="result-format"),
         pytest.param({"scoring": "balanced_accuracy"}, {}, id="scoring"),
         pytest.param({"scoring": None}, {}, id="scoring-omitted"),
         pytest.param({"error_score": 0}, {}, id="error-score"),
