@@ -162,12 +162,18 @@ def refit_params() -> dict[str, Param]:
 
 
 def grid_refit_dag(dag_id: str = DEFAULT_REFIT_DAG_ID, *, retries: int = 1) -> DAG:
-    """The refit DAG: triggered by a grid-search DAG, or by hand with the MLflow parent run id of a study."""
+    """The refit DAG: triggered by a grid-search DAG, or by hand with the MLflow parent run id of a study.
+
+    ``max_active_runs=1``: the champion gate reads the current champion, then moves the alias; two refits running
+    at once could both read the same champion and the weaker one could be promoted last. So refits run one at a
+    time - for every study whose grid-search DAG triggers this refit DAG, not only per study.
+    """
     with DAG(
         dag_id=dag_id,
         schedule=None,
         start_date=datetime(2026, 1, 1),
         catchup=False,
+        max_active_runs=1,
         params=refit_params(),
         tags=["airflow-grid"],
         default_args={"retries": retries, "retry_delay": timedelta(seconds=15)},

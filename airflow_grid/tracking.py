@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
 import tempfile
@@ -51,11 +52,19 @@ def experiment_id(mlflow_client: Any, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return str(experiment.experiment_id)
+    from mlflow.exceptions import MlflowException
+
     location = None  # a tracking server decides where artifacts go
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):  # otherwise MLflow would use ./mlruns under whatever directory the task runs in
         location = (Path(uri.removeprefix("sqlite:///")).parent / "mlflow-artifacts" / name).as_uri()
-    return str(mlflow_client.create_experiment(name, artifact_location=location))
+    try:
+        return str(mlflow_client.create_experiment(name, artifact_location=location))
+    except MlflowException as error:
+        # A create whose response was lost (the server went away, MLflow's HTTP retry resent it): it exists now.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return str(mlflow_client.get_experiment_by_name(name).experiment_id)
 
 
 def _quote(value: str) -> str:
@@ -121,10 +130,7 @@ def log_study(
         RunTag(TAG_BEST_INDEX, str(best["best_index"])),
         RunTag("airflow_grid.n_candidates", str(len(cv_results["params"]))),
     ]
-    existing_params = mlflow_client.get_run(parent).data.params
-    mlflow_client.log_batch(
-        parent, metrics=metrics, params=[p for p in params if p.key not in existing_params], tags=run_tags
-    )
+    _log_missing(mlflow_client, parent, metrics=metrics, params=params, tags=run_tags)
     with tempfile.TemporaryDirectory(prefix="airflow-grid-mlflow-") as scratch:
         folder = Path(scratch)
         (folder / "cv_results.json").write_text(json.dumps(cv_results, indent=1))
@@ -140,33 +146,69 @@ def log_study(
 
 
 def _log_children(mlflow_client: Any, parent: str, study: str, cv_results: dict[str, list[Any]], cap: int) -> None:
-    """One nested run per candidate (the best ``cap`` by rank), skipping those a previous try already logged."""
+    """One nested run per candidate (the best ``cap`` by rank), resumable after a failed try.
+
+    A candidate whose run a previous try finished is skipped; one whose run it created but did not finish (the
+    server went away in between) is completed in place, so a retry never duplicates a child run.
+    """
     from mlflow.entities import Metric, Param
 
     exp = experiment_id(mlflow_client, study)
-    done = {
-        run.data.tags.get(TAG_CANDIDATE)
-        for run in mlflow_client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    logged = {
+        run.data.tags.get(TAG_CANDIDATE): run
+        for run in _search_all(
+            mlflow_client, exp, f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TAG_ROLE}` = 'candidate'"
+        )
     }
     rank_key = next(k for k in cv_results if k.startswith("rank_test_"))
     order = sorted(range(len(cv_results["params"])), key=lambda i: (cv_results[rank_key][i], i))[:cap]
     now = _now_ms()
     for index in order:
-        if str(index) in done:
+        run = logged.get(str(index))
+        if run is not None and run.info.status == "FINISHED":
             continue
-        run = mlflow_client.create_run(
-            exp,
-            run_name=f"candidate-{index}",
-            tags={"mlflow.parentRunId": parent, TAG_CANDIDATE: str(index), TAG_ROLE: "candidate"},
-        )
+        if run is None:
+            run = mlflow_client.create_run(
+                exp,
+                run_name=f"candidate-{index}",
+                tags={"mlflow.parentRunId": parent, TAG_CANDIDATE: str(index), TAG_ROLE: "candidate"},
+            )
         params = [Param(name, param_text(value)[:6000]) for name, value in cv_results["params"][index].items()]
         metrics = [
             Metric(key, _number(column[index]), now, 0)
             for key, column in cv_results.items()
             if key.startswith(("mean_", "std_", "rank_"))
         ]
-        mlflow_client.log_batch(run.info.run_id, metrics=metrics, params=params)
+        _log_missing(mlflow_client, run.info.run_id, metrics=metrics, params=params)
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def _search_all(mlflow_client: Any, experiment: str, filter_string: str) -> list[Any]:
+    """Every run matching the filter, across result pages (a grid can have more children than one page holds)."""
+    runs: list[Any] = []
+    token = None
+    while True:
+        page = mlflow_client.search_runs([experiment], filter_string=filter_string, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _log_missing(
+    mlflow_client: Any, run_id: str, *, metrics: list[Any], params: list[Any], tags: list[Any] | None = None
+) -> None:
+    """Log what the run does not hold yet: a retry re-sends neither a param (immutable in MLflow) nor a metric
+    whose latest value is already the same (it would add a duplicate point to the metric's history)."""
+    data = mlflow_client.get_run(run_id).data
+    metrics = [m for m in metrics if not _same(data.metrics.get(m.key), m.value)]
+    params = [p for p in params if p.key not in data.params]
+    if metrics or params or tags:
+        mlflow_client.log_batch(run_id, metrics=metrics, params=params, tags=tags or [])
+
+
+def _same(logged: float | None, value: float) -> bool:
+    return logged is not None and (logged == value or (math.isnan(logged) and math.isnan(value)))
 
 
 def cv_results_csv(cv_results: dict[str, list[Any]]) -> str:
@@ -337,14 +379,23 @@ def log_refit(
         if holdout_score is not None:
             mlflow_client.set_model_version_tag(study, version, "holdout_score", repr(float(holdout_score)))
         mlflow_client.set_model_version_tag(study, version, "parent_run_id", parent_run_id)
+    dataset_version = parent.data.tags.get(TAG_DATASET_VERSION)
+    if dataset_version:  # what the holdout score was measured on: the gate compares like with like
+        mlflow_client.set_model_version_tag(study, version, "dataset_version", dataset_version)
     mlflow_client.set_terminated(refit_run_id, status="FINISHED")
-    return {"refit_run_id": refit_run_id, **champion_gate(mlflow_client, study, version, holdout_score)}
+    gate = champion_gate(mlflow_client, study, version, holdout_score, dataset_version=dataset_version)
+    return {"refit_run_id": refit_run_id, **gate}
 
 
-def champion_gate(mlflow_client: Any, study: str, version: str, holdout_score: float | None) -> dict[str, Any]:
+def champion_gate(
+    mlflow_client: Any, study: str, version: str, holdout_score: float | None, *, dataset_version: str | None = None
+) -> dict[str, Any]:
     """Alias ``version`` as ``challenger``; move ``champion`` to it only if it scores at least the champion.
 
     Scores are the ``holdout_score`` tags of the versions. A version without a score never displaces a champion.
+    Holdouts of different dataset versions (``dataset_version`` tags) are different samples, so their scores are
+    not directly comparable; the gate still decides (challenger >= champion, so a new dataset can take over) but
+    says so: ``compared_across_versions`` in the result, a warning in the log, a ``gate_note`` tag on the version.
     """
     mlflow_client.set_registered_model_alias(study, "challenger", version)
     try:
@@ -355,6 +406,15 @@ def champion_gate(mlflow_client: Any, study: str, version: str, holdout_score: f
     promote = champion is None or (
         holdout_score is not None and (champion_score is None or float(holdout_score) >= float(champion_score))
     )
+    champion_dataset = None if champion is None else champion.tags.get("dataset_version")
+    across = champion is not None and str(champion.version) != version and champion_dataset != dataset_version
+    if across:
+        note = (
+            f"holdout scores from dataset versions {champion_dataset or 'unknown'} (champion v{champion.version}) "
+            f"and {dataset_version or 'unknown'} (challenger v{version}) are not directly comparable"
+        )
+        mlflow_client.set_model_version_tag(study, version, "gate_note", note)
+        logging.getLogger(__name__).warning("Champion gate for %s: %s.", study, note)
     if promote:
         mlflow_client.set_registered_model_alias(study, "champion", version)
     return {
@@ -363,4 +423,7 @@ def champion_gate(mlflow_client: Any, study: str, version: str, holdout_score: f
         "promoted": promote,
         "champion_version": version if promote else str(champion.version),
         "previous_champion_score": None if champion_score is None else float(champion_score),
+        "compared_across_versions": across,
+        "dataset_version": dataset_version,
+        "champion_dataset_version": champion_dataset,
     }

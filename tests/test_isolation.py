@@ -21,6 +21,8 @@ CORE_MODULES = [
     "airflow_grid.store",
     "airflow_grid.worker",
     "airflow_grid.plan",
+    "airflow_grid.launch",
+    "airflow_grid.limits",
 ]
 
 

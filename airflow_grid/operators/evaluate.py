@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_grid.cv import budget, thread_env
+from airflow_grid.launch import worker_command, worker_env
 from airflow_grid.spec import parse_cpu, parse_memory
 from airflow_grid.worker import EXIT_BAD_INPUT
 
@@ -40,15 +39,18 @@ class LocalEvaluateOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         cpu = parse_cpu(self.candidate["cpu"], "resources.cpu")
         memory = parse_memory(self.candidate["memory"], "resources.memory")
-        _, threads = budget(cpu, 1)
         with tempfile.TemporaryDirectory(prefix="airflow-grid-evaluate-") as scratch:
             out = Path(scratch) / "result.json"
-            command = [self.python, "-m", "airflow_grid.worker", "evaluate", "--plan", self.candidate["plan_uri"]]
-            for index in self.candidate["indices"]:
-                command += ["--candidate", str(index)]
-            command += ["--out", str(out), "--memory-limit", str(memory)]
+            command = worker_command(
+                "evaluate",
+                self.candidate["plan_uri"],
+                self.candidate["indices"],
+                out=str(out),
+                memory_bytes=memory,
+                python=self.python,
+            )
             self._hook = SubprocessHook()
-            result = self._hook.run_command(command, env={**os.environ, **thread_env(threads)}, cwd=scratch)
+            result = self._hook.run_command(command, env=worker_env(cpu), cwd=scratch)
             if result.exit_code == EXIT_BAD_INPUT:
                 raise AirflowFailException(f"worker refused its input: {result.output}")
             if result.exit_code != 0:

@@ -21,12 +21,12 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
 from airflow_grid.cv import budget, thread_env
+from airflow_grid.launch import MEMORY_ENV, worker_arguments
 from airflow_grid.spec import parse_cpu, parse_memory
 from airflow_grid.worker import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, XCOM_RETURN_PATH
 
 WORKER_UID = 10001
 SCRATCH = "/tmp"
-MEMORY_ENV = "AIRFLOW_GRID_MEMORY_BYTES"
 # KPO gives the xcom sidecar requests only (cpu 1m, memory 10Mi), which makes the whole pod Burstable; with limits =
 # requests on every container it is Guaranteed. 50m: exec'd `cat`/`kill` run throttled in the sidecar's cgroup.
 XCOM_SIDECAR_RESOURCES = {"cpu": "50m", "memory": "32Mi"}
@@ -109,10 +109,10 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
         cpu = parse_cpu(candidate["cpu"], "resources.cpu")
         memory = parse_memory(candidate["memory"], "resources.memory")
         n_jobs, threads = budget(cpu, 1 << 16)
-        arguments = ["evaluate", "--plan", candidate["plan_uri"]]
-        for index in candidate["indices"]:
-            arguments += ["--candidate", str(index)]
-        arguments += ["--out", XCOM_RETURN_PATH]
+        # The budget travels in MEMORY_ENV (a retry raises it with the limit); the worker's watchdog reads it there.
+        arguments = worker_arguments(
+            "evaluate", candidate["plan_uri"], candidate["indices"], out=XCOM_RETURN_PATH, memory_bytes=None
+        )
         quantities = {"cpu": str(candidate["cpu"]), "memory": str(candidate["memory"])}
         volumes = [k8s.V1Volume(name="scratch", empty_dir=k8s.V1EmptyDirVolumeSource())]
         mounts = [k8s.V1VolumeMount(name="scratch", mount_path=SCRATCH)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_grid import data, tracking
-from airflow_grid.cv import budget, thread_env
+from airflow_grid.launch import worker_command, worker_env
 from airflow_grid.plan import load_plan
 from airflow_grid.store import Store
 from airflow_grid.worker import EXIT_BAD_INPUT
@@ -36,6 +35,7 @@ class RefitWinnerOperator(BaseOperator):
         super().__init__(**kwargs)
         self.parent_run_id = parent_run_id
         self.python = python or sys.executable
+        self._hook: SubprocessHook | None = None
 
     def execute(self, context: Context) -> dict[str, Any]:
         if not self.parent_run_id:
@@ -49,7 +49,7 @@ class RefitWinnerOperator(BaseOperator):
         best_index = int(tags[tracking.TAG_BEST_INDEX])
         store = Store(plan.store_root)
         model_path = Path(tempfile.mkdtemp(prefix="airflow-grid-refit-")) / "model.joblib"
-        outcome = self._run_refit(plan.uri, best_index, model_path, spec.resources.cpu)
+        outcome = self._run_refit(plan.uri, best_index, model_path, spec.resources.cpu, spec.resources.memory_bytes)
         import joblib
 
         model = joblib.load(model_path)
@@ -75,16 +75,23 @@ class RefitWinnerOperator(BaseOperator):
         )  # fmt: skip
         return {**registered, "holdout_score": outcome["holdout_score"], "best_index": best_index}
 
-    def _run_refit(self, plan_uri: str, index: int, model_path: Path, cpu: float) -> dict[str, Any]:
-        _, threads = budget(cpu, 1)
+    def _run_refit(self, plan_uri: str, index: int, model_path: Path, cpu: float, memory: int) -> dict[str, Any]:
+        """Fit in a worker process inside the spec's CPU and memory budget (the evaluate tasks' budget)."""
         with tempfile.TemporaryDirectory(prefix="airflow-grid-refit-") as scratch:
             out = Path(scratch) / "outcome.json"
-            command = [self.python, "-m", "airflow_grid.worker", "refit", "--plan", plan_uri]
-            command += ["--candidate", str(index), "--model", str(model_path), "--out", str(out)]
-            result = SubprocessHook().run_command(command, env={**os.environ, **thread_env(threads)}, cwd=scratch)
+            command = worker_command(
+                "refit", plan_uri, index, out=str(out), memory_bytes=memory, python=self.python, model=str(model_path)
+            )
+            self._hook = SubprocessHook()
+            result = self._hook.run_command(command, env=worker_env(cpu), cwd=scratch)
             if result.exit_code == EXIT_BAD_INPUT:
                 raise AirflowFailException(f"refit worker refused its input: {result.output}")
             if result.exit_code != 0:
                 raise AirflowException(f"refit worker exited with {result.exit_code}: {result.output}")
             outcome: dict[str, Any] = json.loads(out.read_text())
         return outcome
+
+    def on_kill(self) -> None:
+        """Stop the refit worker (its process group: the fit and any joblib workers) when the task is killed."""
+        if self._hook is not None:
+            self._hook.send_sigterm()
