@@ -41,7 +41,7 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     _check_versions(plan)  # before anything is served or fitted: this worker's keys must be the plan's keys
     spec = plan.spec
     store = Store(plan.store_root)
-    store.touch_in_use(plan.plan_id)
+    _mark_in_use(store, plan.plan_id)
     candidates = plan.candidates
     results = []
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
@@ -107,7 +107,7 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
     _check_versions(plan)
     spec = plan.spec
     store = Store(plan.store_root)
-    store.touch_in_use(plan.plan_id)
+    _mark_in_use(store, plan.plan_id)
     candidates = plan.candidates
     if not 0 <= index < len(candidates):
         raise BadInput(f"candidate {index} is out of range: the plan has {len(candidates)} candidates.")
@@ -141,6 +141,18 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
             outcome["holdout_score"] = float(scorer(estimator, X_holdout, y_holdout))
             outcome["n_holdout"] = len(y_holdout)
     return outcome
+
+
+def _mark_in_use(store: Any, plan_id: str) -> None:
+    """Tell `airflow-grid gc` the plan is in use; best effort, because the planner marked it already.
+
+    A pod runs as another user than the planner and may not write into the plan's directory: that must not fail
+    the candidate.
+    """
+    try:
+        store.touch_in_use(plan_id)
+    except OSError as error:
+        print(f"airflow-grid worker: could not mark plan {plan_id} in use ({error}); continuing", file=sys.stderr)
 
 
 def _load(plan_uri: str) -> Any:

@@ -293,3 +293,19 @@ def test_worker_keeps_the_allowlist_the_plan_was_validated_with(
         assert worker.evaluate_candidates(plan.uri, [0])["results"][0]["n_failed_fits"] == 0
     finally:
         sys.modules.pop(module, None)
+
+
+def test_a_worker_that_cannot_mark_the_plan_in_use_still_evaluates(
+    iris_doc: Doc, store_root: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pod runs as another user than the planner and may not write into the plan's directory (seen on the lab
+    cluster): the in-use mark is best effort, the candidate's result is not."""
+    plan = plan_for(iris_doc(), store_root)
+
+    def refuse(self: Store, plan_id: str) -> None:
+        raise PermissionError(13, "Permission denied", f"plans/{plan_id}/in_use")
+
+    monkeypatch.setattr(Store, "touch_in_use", refuse)
+    [result] = worker.evaluate_candidates(plan.uri, [0])["results"]
+    assert result["n_failed_fits"] == 0 and not result["from_store"]
+    assert "could not mark plan" in capsys.readouterr().err
