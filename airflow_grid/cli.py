@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airflow_grid import launch, results, versions
+from airflow_grid import launch, leaderboard, results, versions
 from airflow_grid.plan import Plan, make_plan
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -88,6 +88,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={score:.4f}")
         print(f"model: {outcome['model_path']}")
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
+    print(leaderboard.render(cv_results, spec.refit_metric, best_index=best), flush=True)
     return 0
 
 

@@ -16,9 +16,10 @@ from typing import Any
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import DAG, Asset, Param, TriggerRule, XComArg, task
 
+from airflow_grid import settings
 from airflow_grid.operators.evaluate import MAP_INDEX_TEMPLATE, LocalEvaluateOperator
 from airflow_grid.operators.kubernetes import KubernetesBackend, KubernetesEvaluateOperator
-from airflow_grid.operators.plan import DEFAULT_POOL, PlanGridSearchOperator
+from airflow_grid.operators.plan import PlanGridSearchOperator
 from airflow_grid.operators.refit import RefitWinnerOperator
 from airflow_grid.operators.select import SelectWinnerOperator
 
@@ -68,7 +69,7 @@ def grid_search_dag(
     schedule: Any = None,
     start_date: datetime | None = None,
     catchup: bool = False,
-    pool: str = DEFAULT_POOL,
+    pool: str | None = None,
     cpu: float = 1,
     store: str | None = None,
     refit_dag_id: str | None = DEFAULT_REFIT_DAG_ID,
@@ -86,6 +87,7 @@ def grid_search_dag(
     the ``backend`` param) picks which of the two runs, and the other is skipped. A whole spec passed in a run's
     conf may only read files under ``data_roots`` (default: the directory of the DAG spec's own ``data.path``).
     """
+    pool = pool or settings.default_pool()  # [airflow_grid] default_pool, read at parse time
     slots = max(1, math.ceil(cpu))
     with DAG(
         dag_id=dag_id,

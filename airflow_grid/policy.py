@@ -81,11 +81,23 @@ class Policy:
     def from_env(cls, extra_prefixes: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Policy:
         """Defaults, plus the deployment's settings from the environment and from the caller."""
         env = os.environ if environ is None else environ
-        prefixes = _split(env.get(ALLOWED_TARGETS_ENV, "")) + [p.strip() for p in extra_prefixes if p.strip()]
+        return cls.configured(
+            extra_prefixes,
+            targets=env.get(ALLOWED_TARGETS_ENV, ""),
+            callables=env.get(ALLOWED_CALLABLES_ENV, ""),
+            allow_file_params=env.get(FILE_PARAMS_ENV, "").strip().lower() in ("1", "true", "yes"),
+        )
+
+    @classmethod
+    def configured(
+        cls, extra_prefixes: Sequence[str] = (), *, targets: str = "", callables: str = "", allow_file_params: bool
+    ) -> Policy:
+        """Defaults, plus settings the caller read (Airflow's ``[airflow_grid]`` section); lists comma-separated."""
+        prefixes = _split(targets) + [p.strip() for p in extra_prefixes if p.strip()]
         return cls(
             prefixes=tuple(dict.fromkeys([*DEFAULT_PREFIXES, *prefixes])),
-            callables=tuple(_split(env.get(ALLOWED_CALLABLES_ENV, ""))),
-            allow_file_params=env.get(FILE_PARAMS_ENV, "").strip().lower() in ("1", "true", "yes"),
+            callables=tuple(_split(callables)),
+            allow_file_params=allow_file_params,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -155,7 +167,7 @@ def screen(target: Any, path: str, policy: Policy) -> str:
 _DEFAULT_FIX = "use a public estimator, transformer or splitter class, e.g. sklearn.svm.SVC."
 _PREFIX_FIX = (
     "use a class under an allowed prefix, e.g. sklearn.svm.SVC; to use another library, the deployment adds its "
-    f"prefix to ${ALLOWED_TARGETS_ENV} (comma-separated, e.g. xgboost.,lightgbm.)."
+    f"prefix to [airflow_grid] allowed_targets or ${ALLOWED_TARGETS_ENV} (comma-separated, e.g. xgboost.,lightgbm.)."
 )
 
 
@@ -234,7 +246,10 @@ def _check_object(obj: Any, target: str, path: str, policy: Policy, role: str) -
         reason, fix = f"it is a {kind} that is not an offline dataset loader", _loader_fix()
     else:
         reason = f"it is a {kind}; only classes (estimators, transformers, splitters) and distributions may be built"
-        fix = f"{_DEFAULT_FIX} A deployment may allow a function by name in ${ALLOWED_CALLABLES_ENV}."
+        fix = (
+            f"{_DEFAULT_FIX} A deployment may allow a function by name in [airflow_grid] allowed_callables or "
+            f"${ALLOWED_CALLABLES_ENV}."
+        )
     raise _refused(target, path, reason, fix)
 
 
@@ -242,7 +257,8 @@ def _loader_fix() -> str:
     names = ", ".join(name.rsplit(".", 1)[1] for name in OFFLINE_LOADERS[:6])
     return (
         f"use data from a file ({{path: data.parquet, target: label}}) or an offline loader of sklearn.datasets "
-        f"({names}, make_*); the deployment may allow more by name in ${ALLOWED_CALLABLES_ENV}."
+        f"({names}, make_*); the deployment may allow more by name in [airflow_grid] allowed_callables or "
+        f"${ALLOWED_CALLABLES_ENV}."
     )
 
 
@@ -320,7 +336,7 @@ def check_parameter(name: str, value: Any, path: str, policy: Policy) -> None:
         path,
         f"got {show(value)}; {short!r} makes a fit read or write files, which a spec may not do by default.",
         f"remove it (allowed values: {', '.join(map(repr, allowed))}); a deployment that needs it sets "
-        f"${FILE_PARAMS_ENV}=1.",
+        f"[airflow_grid] allow_file_params = True or ${FILE_PARAMS_ENV}=1.",
     )
 
 

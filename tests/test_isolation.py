@@ -23,6 +23,7 @@ CORE_MODULES = [
     "airflow_grid.plan",
     "airflow_grid.launch",
     "airflow_grid.limits",
+    "airflow_grid.leaderboard",
 ]
 
 

@@ -48,6 +48,19 @@ def test_provider_info_validates_against_airflow_schema() -> None:
     validator.validate(get_provider_info())
 
 
+def test_config_section_validates_against_the_provider_yaml_schema() -> None:
+    """The stricter provider.yaml schema too; its option schema misspells additionalProperties, so check keys."""
+    schema = airflow_schema("provider.yaml.schema.json")
+    config_schema = {**schema["properties"]["config"], "definitions": schema["definitions"]}
+    config = get_provider_info()["config"]
+    jsonschema.validators.validator_for(config_schema)(config_schema).validate(config)
+    option_fields = set(schema["definitions"]["option"]["properties"])
+    assert list(config) == ["airflow_grid"]
+    for name, option in config["airflow_grid"]["options"].items():
+        assert set(option) <= option_fields, name
+        assert set(schema["definitions"]["option"]["required"]) <= set(option), name
+
+
 def test_provider_info_uses_only_known_fields() -> None:
     # The runtime schema allows additional properties, so a misspelt field would otherwise pass unnoticed.
     known = set(airflow_schema()["properties"]) | set(airflow_schema("provider.yaml.schema.json")["properties"])
@@ -77,6 +90,6 @@ def test_airflow_providers_list_shows_airflow_grid(tmp_path: Path) -> None:
     assert providers["airflow-grid"]["version"] == airflow_grid.__version__
 
 
-@pytest.mark.parametrize("field", ["package-name", "name", "description", "versions"])
+@pytest.mark.parametrize("field", ["package-name", "name", "description", "versions", "config"])
 def test_provider_info_fields_are_filled(field: str) -> None:
     assert get_provider_info()[field]

@@ -7,7 +7,6 @@ sidecar, a hardened security context and the store volume. Pod lifecycle stays K
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -20,9 +19,11 @@ from airflow.sdk import Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
+from airflow_grid import settings
 from airflow_grid.cv import budget, thread_env
 from airflow_grid.launch import MEMORY_ENV, worker_arguments
 from airflow_grid.spec import parse_cpu, parse_memory
+from airflow_grid.tracking.links import MlflowCandidateRunLink
 from airflow_grid.worker import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, XCOM_RETURN_PATH
 
 WORKER_UID = 10001
@@ -91,6 +92,7 @@ class KubernetesEvaluateOperator(KubernetesPodOperator):
     """
 
     template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "candidate")
+    operator_extra_links = (MlflowCandidateRunLink(),)  # written by select once the candidate's child run exists
 
     def __init__(
         self,
@@ -280,34 +282,37 @@ class KubernetesBackend:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> KubernetesBackend:
-        """Configuration from ``AIRFLOW_GRID_K8S_*`` variables (read at parse time; no connection is read).
+        """The ``kubernetes_*`` options of ``[airflow_grid]`` (read at parse time; no connection is read).
 
-        ``AIRFLOW_GRID_K8S_HOST_MOUNTS`` (comma-separated paths mounted read-only at the same path) exists for
-        single-node test clusters that run the host's virtualenv in a plain image; production uses the image.
+        Each falls back to its legacy ``AIRFLOW_GRID_K8S_*`` variable, looked up in ``environ`` (default
+        ``os.environ``); see :mod:`airflow_grid.settings`. ``kubernetes_host_mounts`` (comma-separated paths
+        mounted read-only at the same path) exists for single-node test clusters that run the host's virtualenv in
+        a plain image; production uses the image.
         """
-        env = os.environ if environ is None else environ
-        store_root = env.get("AIRFLOW_GRID_K8S_STORE_PATH") or None
+
+        def option(name: str) -> str | None:
+            return settings.get(f"kubernetes_{name}", environ) or None
+
+        store_root = option("store_path")
         store_volume = None
         if store_root:
             store_volume = StoreVolume(
-                mount_path=store_root,
-                claim_name=env.get("AIRFLOW_GRID_K8S_STORE_CLAIM") or None,
-                host_path=env.get("AIRFLOW_GRID_K8S_STORE_HOST_PATH") or None,
+                mount_path=store_root, claim_name=option("store_claim"), host_path=option("store_host_path")
             )
-        command = env.get("AIRFLOW_GRID_K8S_WORKER_COMMAND")
+        command = option("worker_command")
         return cls(
-            image=env.get("AIRFLOW_GRID_K8S_IMAGE", "airflow-grid-worker:0.1.0"),
-            namespace=env.get("AIRFLOW_GRID_K8S_NAMESPACE", "default"),
-            kubernetes_conn_id=env.get("AIRFLOW_GRID_K8S_CONN_ID", "kubernetes_default"),
-            config_file=env.get("AIRFLOW_GRID_K8S_CONFIG_FILE") or None,
-            image_pull_policy=env.get("AIRFLOW_GRID_K8S_IMAGE_PULL_POLICY") or None,
-            service_account_name=env.get("AIRFLOW_GRID_K8S_SERVICE_ACCOUNT") or None,
+            image=settings.get("kubernetes_image", environ),
+            namespace=settings.get("kubernetes_namespace", environ),
+            kubernetes_conn_id=settings.get("kubernetes_conn_id", environ),
+            config_file=option("config_file"),
+            image_pull_policy=option("image_pull_policy"),
+            service_account_name=option("service_account"),
             worker_command=tuple(shlex.split(command)) if command else cls.worker_command,
             store_volume=store_volume,
-            host_mounts=tuple(p for p in env.get("AIRFLOW_GRID_K8S_HOST_MOUNTS", "").split(",") if p),
-            deferrable=env.get("AIRFLOW_GRID_K8S_DEFERRABLE", "false").lower() == "true",
-            memory_retry_factor=float(env.get("AIRFLOW_GRID_K8S_MEMORY_RETRY_FACTOR", "1")),
-            memory_cap=env.get("AIRFLOW_GRID_K8S_MEMORY_CAP") or None,
+            host_mounts=tuple(p for p in (option("host_mounts") or "").split(",") if p),
+            deferrable=settings.flag("kubernetes_deferrable", environ),
+            memory_retry_factor=settings.number("kubernetes_memory_retry_factor", float, environ),
+            memory_cap=option("memory_cap"),
         )
 
     def operator_kwargs(self) -> dict[str, Any]:
