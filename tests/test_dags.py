@@ -148,7 +148,7 @@ def test_guard_records_a_swallowed_lookup(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_expected_dags_exist(dagbag: DagBag) -> None:
-    assert set(dagbag.dags) == GRID_SEARCH_DAG_IDS | {DEFAULT_REFIT_DAG_ID, "grid_store_gc"}
+    assert set(dagbag.dags) == GRID_SEARCH_DAG_IDS | {DEFAULT_REFIT_DAG_ID, "grid_store_gc", "score_with_champion"}
     grid_dags = {dag_id for dag_id, dag in dagbag.dags.items() if "evaluate" in dag.task_dict}
     assert grid_dags == GRID_SEARCH_DAG_IDS
 

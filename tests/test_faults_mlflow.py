@@ -250,7 +250,7 @@ def test_a_try_that_fails_half_way_is_completed_by_the_retry(
     """The server goes away after the parent run exists: the retry reuses it and logs each child once."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{study.root / 'mlflow.db'}")
     if where == "before the children":
-        original = tracking._log_children
+        original = tracking.runs._log_children  # log_study calls it in its own module
         calls = iter([connection_error()])
 
         def log_children(*args: Any) -> None:
@@ -259,7 +259,7 @@ def test_a_try_that_fails_half_way_is_completed_by_the_retry(
                 raise error
             original(*args)
 
-        monkeypatch.setattr(tracking, "_log_children", log_children)
+        monkeypatch.setattr(tracking.runs, "_log_children", log_children)
     else:  # log_batch: 1 parent, 2 the first child, 3 the second child - created, never given its metrics
         from mlflow import MlflowClient
 

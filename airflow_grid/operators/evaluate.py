@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_grid.launch import worker_command, worker_env
 from airflow_grid.spec import parse_cpu, parse_memory
+from airflow_grid.tracking.links import MlflowCandidateRunLink
 from airflow_grid.worker import EXIT_BAD_INPUT
 
 MAP_INDEX_TEMPLATE = "{{ task.candidate['label'] }}"
@@ -29,6 +30,7 @@ class LocalEvaluateOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("candidate",)
     ui_color = "#fff3e0"
+    operator_extra_links = (MlflowCandidateRunLink(),)  # written by select once the candidate's child run exists
 
     def __init__(self, *, candidate: dict[str, Any], python: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)

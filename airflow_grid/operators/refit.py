@@ -13,10 +13,12 @@ from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_grid import data, tracking
+from airflow_grid import data, lineage, tracking
 from airflow_grid.launch import worker_command, worker_env
+from airflow_grid.operators.champion import champion_alias, emit_if_promoted
 from airflow_grid.plan import load_plan
 from airflow_grid.store import Store
+from airflow_grid.tracking.links import MlflowModelLink
 from airflow_grid.worker import EXIT_BAD_INPUT
 
 
@@ -26,13 +28,16 @@ class RefitWinnerOperator(BaseOperator):
     The parent run records the plan URI and the winner's index (tags), so a manual trigger needs only the parent
     run id. The model is fitted by the worker (same code, same budget), then logged here with a signature and an
     input example, registered under the study name, aliased ``challenger``, and promoted to ``champion`` only if
-    its holdout score is at least the current champion's.
+    its holdout score is at least the current champion's. A promotion emits an event for the study's champion
+    asset through the :data:`~airflow_grid.operators.champion.CHAMPION_ALIAS` outlet (added to ``outlets``).
     """
 
     template_fields: Sequence[str] = ("parent_run_id",)
+    operator_extra_links = (MlflowModelLink(),)
 
     def __init__(self, *, parent_run_id: str, python: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        outlets = kwargs.pop("outlets", None) or []
+        super().__init__(outlets=[*(outlets if isinstance(outlets, list) else [outlets]), champion_alias()], **kwargs)
         self.parent_run_id = parent_run_id
         self.python = python or sys.executable
         self._hook: SubprocessHook | None = None
@@ -67,13 +72,16 @@ class RefitWinnerOperator(BaseOperator):
             holdout_metric=outcome["holdout_metric"],
             tags={"airflow_grid.best_label": plan.candidates[best_index]["label"]},
         )
+        self._lineage = lineage.refit_lineage(plan.document, registered, tracking.tracking_uri())
         self.log.info(
             "Refit %s winner [%d] %s: holdout %s=%s; registered %s v%s; champion is v%s (%s)",
             spec.name, best_index, plan.candidates[best_index]["label"], outcome["holdout_metric"],
             outcome["holdout_score"], registered["model_name"], registered["version"],
             registered["champion_version"], "promoted" if registered["promoted"] else "kept",
         )  # fmt: skip
-        return {**registered, "holdout_score": outcome["holdout_score"], "best_index": best_index}
+        result = {**registered, "holdout_score": outcome["holdout_score"], "best_index": best_index}
+        emit_if_promoted(context, result, holdout_metric=outcome["holdout_metric"], parent_run_id=self.parent_run_id)
+        return result
 
     def _run_refit(self, plan_uri: str, index: int, model_path: Path, cpu: float, memory: int) -> dict[str, Any]:
         """Fit in a worker process inside the spec's CPU and memory budget (the evaluate tasks' budget)."""
@@ -90,6 +98,17 @@ class RefitWinnerOperator(BaseOperator):
                 raise AirflowException(f"refit worker exited with {result.exit_code}: {result.output}")
             outcome: dict[str, Any] = json.loads(out.read_text())
         return outcome
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """Empty: the study, its data and the model version are known only once the parent run is read."""
+        return lineage.Lineage().to_operator_lineage()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """Input: the study's dataset (at the version the holdout was scored on); output: the registered model.
+
+        ``None`` without the OpenLineage provider; empty if the refit failed before registering a version.
+        """
+        return getattr(self, "_lineage", lineage.Lineage()).to_operator_lineage()
 
     def on_kill(self) -> None:
         """Stop the refit worker (its process group: the fit and any joblib workers) when the task is killed."""

@@ -12,9 +12,10 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_grid import results, tracking
+from airflow_grid import leaderboard, results, settings, tracking
 from airflow_grid.plan import load_plan
 from airflow_grid.store import Store
+from airflow_grid.tracking import links
 
 
 class SelectWinnerOperator(BaseOperator):
@@ -28,13 +29,14 @@ class SelectWinnerOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("evaluated", "plan_summary")
+    operator_extra_links = (links.MlflowRunLink(),)
 
     def __init__(
         self,
         *,
         evaluated: Any,
         plan_summary: Any,
-        max_child_runs: int = tracking.DEFAULT_MAX_CHILD_RUNS,
+        max_child_runs: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -78,14 +80,16 @@ class SelectWinnerOperator(BaseOperator):
                 tracking.TAG_PLAN_URI: plan.uri,
                 "airflow_grid.overrides": json.dumps(summary["overrides"]),
             },
-            "max_child_runs": self.max_child_runs,
+            "max_child_runs": settings.max_child_runs() if self.max_child_runs is None else self.max_child_runs,
         }
         parent_run_id = log_study_or_retry(study_log, results_url=store.url(study_dir))
+        links.publish(self, context, tracking.candidate_runs(parent_run_id))  # the task links to MLflow
         self.log.info(
             "Winner [%d] %s: mean_test_%s=%.4f (%d candidates, %d fitted now, %d from store); MLflow run %s",
             best_index, plan.candidates[best_index]["label"], spec.refit_metric, best["best_score"],
             len(ordered), fitted, len(ordered) - fitted, parent_run_id,
         )  # fmt: skip
+        self.log.info("%s", leaderboard.render(cv_results, spec.refit_metric, best_index=best_index))
         return {
             "parent_run_id": parent_run_id,
             "plan_uri": plan.uri,
