@@ -11,14 +11,14 @@ import jinja2
 from airflow.sdk import BaseOperator, Context, conf
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_grid import overrides
+from airflow_grid import lineage, overrides, settings
 from airflow_grid import policy as trust
 from airflow_grid.plan import make_plan
 from airflow_grid.policy import DATA_PATH_VARIABLES
 from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
 
-DEFAULT_POOL = "grid_fits"
+DEFAULT_POOL = "grid_fits"  # [airflow_grid] default_pool, unless the deployment sets another
 
 
 class PlanGridSearchOperator(BaseOperator):
@@ -37,7 +37,7 @@ class PlanGridSearchOperator(BaseOperator):
         *,
         spec_path: str,
         store: str | None = None,
-        grid_pool: str = DEFAULT_POOL,
+        grid_pool: str | None = None,
         pool_slots_per_candidate: int = 1,
         spec_dirs: Sequence[str] = (),
         data_roots: Sequence[str] | None = None,
@@ -49,13 +49,14 @@ class PlanGridSearchOperator(BaseOperator):
         self.backends = tuple(backends)
         self.spec_path = spec_path
         self.store = store
-        self.grid_pool = grid_pool
+        self.grid_pool = grid_pool or settings.default_pool()
         self.pool_slots_per_candidate = pool_slots_per_candidate
         self.spec_dirs = tuple(spec_dirs) or (str(Path(spec_path).parent),)
         self.data_roots = None if data_roots is None else tuple(data_roots)
         self.extra_allowed = tuple(extra_allowed)
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
+        self._lineage = lineage.Lineage()  # a failed try reports no input, not a previous try's (dag.test reuses us)
         params = dict(context["params"])
         try:
             if params.get("spec_path"):
@@ -69,7 +70,7 @@ class PlanGridSearchOperator(BaseOperator):
             version, source = overrides.dataset_version(params, extras, context.get("logical_date"))
             trust.check_dataset_version(version, source)
             self._resolve_data_path(document, context, version, untrusted=bool(params.get("spec")))
-            spec = parse_spec(document, self.extra_allowed)
+            spec = parse_spec(document, policy=settings.policy(self.extra_allowed))  # recorded in the plan
             self._check_backend(spec)
             if math.ceil(spec.resources.cpu) > self.pool_slots_per_candidate:
                 raise SpecError(
@@ -78,10 +79,11 @@ class PlanGridSearchOperator(BaseOperator):
                     f"each evaluate task of this DAG takes in pool {self.grid_pool!r}.",
                     "lower resources.cpu, or build the DAG with a larger cpu so its tasks take more slots.",
                 )
-            plan = make_plan(spec, Store(self.store), self.extra_allowed)
+            plan = make_plan(spec, Store(self.store or settings.store()), self.extra_allowed)
         except SpecError as error:
             raise AirflowFailException(f"invalid spec: {error}") from error
         version = version or plan.document["data_fingerprint"][:12]
+        self._lineage = lineage.plan_lineage(plan.document, version)
         candidates = plan.candidates
         groups = _deal(len(candidates), params.get("max_parallel"))
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
@@ -118,6 +120,18 @@ class PlanGridSearchOperator(BaseOperator):
             applied or "none",
         )  # fmt: skip
         return items
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """Empty: what the plan reads is known only once the run's conf, version and ``data.path`` are resolved."""
+        return lineage.Lineage().to_operator_lineage()
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """The dataset this run read (rendered ``data.path`` or the loader), with its version and fingerprint.
+
+        Also the failure event's lineage (the provider falls back to this hook): empty if the plan failed before
+        it read the data. ``None`` without the OpenLineage provider.
+        """
+        return getattr(self, "_lineage", lineage.Lineage()).to_operator_lineage()
 
     def _resolve_data_path(
         self, document: dict[str, Any], context: Context, version: str | None, *, untrusted: bool
