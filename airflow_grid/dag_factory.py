@@ -37,10 +37,25 @@ def search_params() -> dict[str, Param]:
                            description="Another spec file in the DAG's specs directory."),
         "param_grid": Param(None, type=["null", "object", "array"], section=section,
                             description_md="Replaces `param_grid`: a mapping of lists, or a list of such mappings."),
+        "search": Param(
+            None, section=section, type=["null", "object"], additionalProperties=False, required=["strategy"],
+            description_md="Replaces `search`: `{\"strategy\": \"grid\"}` (GridSearchCV) or `{\"strategy\": "
+                           "\"random\", \"n_iter\": 20, \"random_state\": 0}` (RandomizedSearchCV; the seed is "
+                           "required so the plan is reproducible). Random searches `param_distributions`.",
+            properties={"strategy": {"type": "string", "enum": ["grid", "random"]},
+                        "n_iter": {"type": "integer", "minimum": 1},
+                        "random_state": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1}},
+        ),
+        "param_distributions": Param(
+            None, type=["null", "object", "array"], section=section, items={"type": "object"},
+            description_md="Replaces `param_distributions` (random search; replaces the file's `param_grid` too): "
+                           "a mapping, or a list of mappings, of lists or scipy.stats object specs such as "
+                           "`{\"_target_\": \"scipy.stats.loguniform\", \"a\": 0.001, \"b\": 1000}`."),
         "cv": Param(None, type=["null", "integer", "object"], minimum=2, section=section,
                     description="Number of folds (>= 2) or a splitter object spec."),
         "scoring": Param(None, type=["null", "string", "array", "object"], section=section,
-                         description="A scorer name, a list of names, or {metric: scorer-name}."),
+                         description="A scorer name, a list of names, or {metric: scorer-name or "
+                                     "{make_scorer: fbeta_score, beta: 2}}."),
         "resources": Param(
             None, section=section, description="Per-candidate budget, e.g. {\"cpu\": 1, \"memory\": \"1Gi\"}.",
             type=["null", "object"], additionalProperties=False,

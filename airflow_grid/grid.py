@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from sklearn.base import BaseEstimator, clone
-from sklearn.model_selection import ParameterGrid
+from sklearn.model_selection import ParameterGrid, ParameterSampler
 
 from airflow_grid import versions as library_versions
 from airflow_grid.spec import TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
@@ -34,7 +36,11 @@ class Candidate:
 
 
 def expand(spec: SearchSpec) -> list[Candidate]:
-    """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order)."""
+    """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order); for the random
+    strategy, ParameterSampler's candidates in its order."""
+    if spec.strategy == "random":
+        sampled = sample(spec)
+        return [Candidate(index=i, params=params, label=candidate_label(params)) for i, params in enumerate(sampled)]
     try:
         grid = ParameterGrid(spec.param_grid)
     except (TypeError, ValueError) as error:  # sklearn's own message names the parameter and the fix
@@ -70,7 +76,7 @@ def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
             "estimator", f"{type(error).__name__}: {error}", "give pipeline steps as [name, {_target_: ...}] pairs."
         ) from None
     for candidate in candidates:
-        prefix = _grid_path(spec, candidate.index)
+        prefix = _grid_path(spec, candidate.index, candidate.params)
         built = {name: build(value, f"{prefix}.{name}", spec.policy) for name, value in candidate.params.items()}
         try:
             estimator = clone(base).set_params(**clone(built, safe=False))
@@ -144,8 +150,47 @@ def _estimators(root: Any) -> list[Any]:
 
 
 def count_candidates(spec: SearchSpec) -> int:
-    """How many candidates the grid holds, by arithmetic: nothing is expanded or built."""
+    """How many candidates the grid holds, by arithmetic: nothing is expanded or built.
+
+    Random: ``n_iter``, or the grid size when every value is a list and the grid is smaller (ParameterSampler then
+    samples without replacement and yields ``min(n_iter, grid size)``).
+    """
+    if spec.strategy == "random":
+        n_iter = int(spec.search["n_iter"])
+        if any(is_object_spec(v) for mapping in spec.param_distributions for v in mapping.values()):
+            return n_iter
+        return min(n_iter, sum(math.prod(len(v) for v in mapping.values()) for mapping in spec.param_distributions))
     return sum(math.prod(len(values) for values in mapping.values()) for mapping in spec.param_grid)
+
+
+def sample(spec: SearchSpec) -> list[dict[str, Any]]:
+    """Exactly ``ParameterSampler(param_distributions, n_iter, random_state=...)``'s candidates, in its order.
+
+    Distributions are built (through the policy); lists stay JSON values, so object specs in them stay mappings as
+    in grid candidates; sampled numpy scalars become Python int/float, so JSON and keys are stable.
+    """
+    distributions = [
+        {
+            name: build(value, f"{_mapping_path(spec, index)}.{name}", spec.policy) if is_object_spec(value) else value
+            for name, value in mapping.items()
+        }
+        for index, mapping in enumerate(spec.param_distributions)
+    ]
+    sampler = ParameterSampler(distributions, int(spec.search["n_iter"]), random_state=spec.search["random_state"])
+    with warnings.catch_warnings():  # "smaller than n_iter": counted and reported by the budget guard already
+        warnings.simplefilter("ignore", UserWarning)
+        return [{name: _plain(value) for name, value in params.items()} for params in sampler]
+
+
+def _plain(value: Any) -> Any:
+    """A sampled numpy scalar as the Python number with the same value (``float64.item()`` is exact)."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value.item()
+    return value
+
+
+def _mapping_path(spec: SearchSpec, index: int) -> str:
+    return "param_distributions" if len(spec.param_distributions) == 1 else f"param_distributions[{index}]"
 
 
 def min_splits(spec: SearchSpec) -> int:
@@ -159,8 +204,12 @@ def min_splits(spec: SearchSpec) -> int:
     return n_splits if isinstance(n_splits, int) and n_splits >= 2 else 2
 
 
-def _grid_path(spec: SearchSpec, index: int) -> str:
+def _grid_path(spec: SearchSpec, index: int, params: Mapping[str, Any] | None = None) -> str:
     """``param_grid[i]`` for the mapping candidate ``index`` comes from (ParameterGrid walks them in order)."""
+    if spec.strategy == "random":  # sampled: the first mapping with the candidate's parameter names
+        names = set(params or ())
+        position = next((i for i, m in enumerate(spec.param_distributions) if set(m) == names), 0)
+        return _mapping_path(spec, position)
     if len(spec.param_grid) == 1:
         return "param_grid"
     end = 0
@@ -188,7 +237,8 @@ def check_budget(spec: SearchSpec, n_candidates: int, n_splits: int) -> int:
             "limits.max_fits",
             f"the grid has {n_candidates:,} candidates x {n_splits} folds = {n_fits:,} fits, more than "
             f"max_fits={spec.max_fits:,}.",
-            "shrink param_grid or cv, or raise limits.max_fits if the cluster can afford it.",
+            f"{'lower search.n_iter' if spec.strategy == 'random' else 'shrink param_grid'} or cv, or raise "
+            "limits.max_fits if the cluster can afford it.",
         )
     return n_fits
 

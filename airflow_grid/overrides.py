@@ -5,7 +5,9 @@ Precedence, lowest to highest (each level replaces what it names, whole - no dee
 1. the spec file the DAG was built from;
 2. ``spec_path``: another spec file;
 3. ``spec``: a whole spec document;
-4. the field params ``param_grid``, ``cv``, ``scoring``, ``resources``, ``backend``: replace that field.
+4. the field params ``param_grid``, ``search``, ``param_distributions``, ``cv``, ``scoring``, ``resources``,
+   ``backend``: replace that field. ``param_grid`` and ``param_distributions`` are the same role (the search
+   space): overriding one drops the other from the lower levels (setting both in one conf is refused at plan).
 
 Dataset version, first that is set: the ``dataset_version`` param/conf; the triggering asset event's
 ``extra.dataset_version``; the run's logical date (scheduled and backfill runs); else the data fingerprint.
@@ -22,7 +24,8 @@ from airflow_grid.spec import load_spec_file
 
 __all__ = ["FIELD_OVERRIDES", "dataset_version", "default_data_roots", "path_within", "spec_document"]
 
-FIELD_OVERRIDES = ("param_grid", "cv", "scoring", "resources", "backend")
+FIELD_OVERRIDES = ("param_grid", "search", "param_distributions", "cv", "scoring", "resources", "backend")
+_SPACES = ("param_grid", "param_distributions")
 
 
 def spec_document(default_spec_path: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -36,6 +39,9 @@ def spec_document(default_spec_path: str, params: Mapping[str, Any]) -> tuple[di
         applied.append(f"spec_path={params['spec_path']}")
     else:
         document = load_spec_file(default_spec_path)
+    overridden = [name for name in _SPACES if params.get(name) is not None]
+    if len(overridden) == 1:  # a new search space replaces the file's, whichever field the file used
+        document.pop(_SPACES[1 - _SPACES.index(overridden[0])], None)
     for name in FIELD_OVERRIDES:
         if params.get(name) is not None:
             document[name] = params[name]

@@ -62,6 +62,8 @@ _KNOWN_FIELDS = {
     "holdout",
     "estimator",
     "param_grid",
+    "search",
+    "param_distributions",
     "cv",
     "scoring",
     "refit",
@@ -70,6 +72,7 @@ _KNOWN_FIELDS = {
     "resources",
     "limits",
     "backend",
+    "fit_params",
 }
 DEFAULT_MAX_FITS = 5000
 MAX_SPEC_FILE_BYTES = 1_000_000
@@ -164,8 +167,8 @@ class SearchSpec:
     estimator: dict[str, Any]
     param_grid: list[dict[str, list[Any]]]
     cv: Any
-    scoring: str | list[str] | dict[str, str] | None
-    refit: str | bool
+    scoring: str | list[str] | dict[str, str | dict[str, Any]] | None
+    refit: str | bool | dict[str, Any]
     error_score: float | str
     return_train_score: bool
     holdout: Holdout | None
@@ -174,6 +177,12 @@ class SearchSpec:
     backend: str
     policy: Policy = field(default_factory=Policy)
     raw: dict[str, Any] = field(default_factory=dict)
+    search: dict[str, Any] = field(default_factory=lambda: {"strategy": "grid"})  # strategy + the class's kwargs
+    param_distributions: list[dict[str, Any]] = field(default_factory=list)  # random: lists or distribution specs
+
+    @property
+    def strategy(self) -> str:
+        return str(self.search["strategy"])
 
     @property
     def allowed(self) -> tuple[str, ...]:
@@ -195,16 +204,28 @@ class SearchSpec:
 
     @property
     def refit_metric(self) -> str:
+        if isinstance(self.refit, dict):
+            return str(self.refit["metric"])
         return self.refit if isinstance(self.refit, str) else "score"
 
     @property
-    def refit_scorer(self) -> str | None:
-        """The sklearn scorer name behind the refit metric (None: the estimator's own ``score``)."""
+    def refit_rule(self) -> dict[str, Any] | None:
+        """The refit rule mapping (``{metric, rule, simplest}``), or None when the best rank wins."""
+        return self.refit if isinstance(self.refit, dict) else None
+
+    @property
+    def refit_scorer(self) -> str | dict[str, Any] | None:
+        """The scoring entry behind the refit metric: a scorer name, a make_scorer mapping, or None (``score``)."""
         if isinstance(self.scoring, dict):
             return self.scoring[self.refit_metric]
         if isinstance(self.scoring, list):
             return self.refit_metric
         return self.scoring
+
+    @property
+    def fit_params(self) -> dict[str, str]:
+        """Fit parameter (as ``GridSearchCV.fit`` takes it, e.g. ``clf__sample_weight``) -> its data column/array."""
+        return dict(self.raw.get("fit_params") or {})
 
     def fingerprint(self) -> str:
         return content_hash(self.raw)
@@ -307,16 +328,28 @@ def parse_spec(
         )
     check(estimator, "estimator", allowed)
 
-    param_grid = _parse_param_grid(raw.get("param_grid"), allowed)
-    raw["param_grid"] = param_grid
+    search = _parse_search(raw.get("search"))
+    param_grid: list[dict[str, list[Any]]] = []
+    param_distributions: list[dict[str, Any]] = []
+    if search["strategy"] == "random":
+        _refuse_space("param_grid", raw, "random")
+        raw.pop("param_grid", None)  # absent or null
+        param_distributions = _parse_param_distributions(raw.get("param_distributions"), allowed)
+        raw.update(search=search, param_distributions=param_distributions)
+    else:
+        _refuse_space("param_distributions", raw, "grid")
+        raw.pop("param_distributions", None)
+        param_grid = _parse_param_grid(raw.get("param_grid"), allowed)
+        raw["param_grid"] = param_grid
     cv = _parse_cv(raw.get("cv", 5), allowed)
-    scoring = _parse_scoring(raw.get("scoring"))
-    refit = _parse_refit(raw.get("refit"), scoring)
+    scoring = _parse_scoring(raw.get("scoring"), allowed)
+    refit = _parse_refit(raw.get("refit"), scoring, _grid_values(param_grid, raw.get("param_distributions")))
     error_score = _parse_error_score(raw.get("error_score", math.nan))
     return_train_score = raw.get("return_train_score", False)
     if not isinstance(return_train_score, bool):
         raise SpecError("return_train_score", f"got {_show(return_train_score)}.", "write true or false.")
     holdout = _parse_holdout(raw.get("holdout"))
+    _check_data_columns(data, raw.get("fit_params"), holdout)
     resources = parse_resources(raw.get("resources"))
     max_fits = _parse_limits(raw.get("limits"))
     backend = raw.get("backend", "local")
@@ -339,6 +372,8 @@ def parse_spec(
         backend=backend,
         policy=allowed,
         raw=raw,
+        search=search,
+        param_distributions=param_distributions,
     )
 
 
@@ -356,12 +391,12 @@ def _parse_data(value: Any, allowed: Policy) -> dict[str, Any]:
         check(value, "data", allowed, role="data")
         return dict(value)
     if isinstance(value, Mapping) and "path" in value:
-        unknown = sorted(set(value) - {"path", "target", "format", "columns"})
+        unknown = sorted(set(value) - {"path", "target", "format", "columns", "groups"})
         if unknown:
             raise SpecError(
                 f"data.{unknown[0]}",
                 f"unknown field (value {_show(value[unknown[0]])}).",
-                "data takes path, target, format and columns.",
+                "data takes path, target, format and columns, and optionally groups.",
             )
         if not isinstance(value["path"], str) or not value["path"]:
             raise SpecError("data.path", f"got {_show(value['path'])}.", "give a file path or fsspec URL.")
@@ -382,6 +417,34 @@ def _parse_data(value: Any, allowed: Policy) -> dict[str, Any]:
         "give an object spec returning (X, y), e.g. {_target_: sklearn.datasets.load_iris, return_X_y: true}, "
         "or {path: data.parquet, target: label}.",
     )
+
+
+def _check_data_columns(data: dict[str, Any], fit_params: Any, holdout: Holdout | None) -> None:
+    """``data.groups`` and ``fit_params`` name columns (arrays in an npz) of a data file, never X or y."""
+    groups = data.get("groups")
+    if groups is not None and (not isinstance(groups, str) or not groups):
+        raise SpecError("data.groups", f"got {_show(groups)}.", "name the column (npz: the array) holding the groups.")
+    if groups is not None and holdout is not None and holdout.stratify:
+        raise SpecError(
+            "holdout.stratify",
+            f"got true with data.groups {groups!r}.",
+            "remove stratify: a holdout with groups keeps each group on one side (GroupShuffleSplit), unstratified.",
+        )
+    if fit_params is None:
+        return
+    if not isinstance(fit_params, Mapping) or not fit_params:
+        raise SpecError("fit_params", f"got {_show(fit_params)}.", "write e.g. fit_params: {clf__sample_weight: w}.")
+    if "path" not in data:
+        raise SpecError(
+            "fit_params",
+            f"got {_show(fit_params)} with data from an object spec.",
+            "use data: {path: ..., target: ...}.",
+        )
+    for name, column in fit_params.items():
+        if not isinstance(column, str) or not column:
+            raise SpecError(f"fit_params.{name}", f"got {_show(column)}.", "name the column (npz: the array).")
+        if column in (data.get("target"), groups):
+            raise SpecError(f"fit_params.{name}", f"got {column!r}, the target or groups.", "name another column.")
 
 
 def _format_from_path(path: str) -> str | None:
@@ -430,6 +493,122 @@ def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]
     return checked
 
 
+SEARCH_STRATEGIES = {"grid": {}, "random": {"n_iter": 10, "random_state": None}}  # the class's kwargs, defaults
+_SEARCH_EXAMPLE = "search: {strategy: random, n_iter: 20, random_state: 0}"
+_MAX_SEED = 2**32 - 1  # numpy's RandomState(seed) range
+
+
+def _parse_search(value: Any) -> dict[str, Any]:
+    """``search``: the strategy (sklearn class) and that class's own keyword arguments, with its defaults."""
+    if value is None:
+        return {"strategy": "grid"}
+    if not isinstance(value, Mapping):
+        raise SpecError("search", f"got {_show(value)}.", f"write {_SEARCH_EXAMPLE}, or omit search for a grid.")
+    strategy = value.get("strategy", "grid")
+    if strategy not in SEARCH_STRATEGIES:
+        raise SpecError(
+            "search.strategy",
+            f"got {_show(strategy)}.",
+            f"write one of {', '.join(SEARCH_STRATEGIES)} (grid: GridSearchCV, random: RandomizedSearchCV).",
+        )
+    defaults = SEARCH_STRATEGIES[strategy]
+    unknown = sorted(set(value) - {"strategy", *defaults})
+    if unknown:
+        takes = f"takes {', '.join(defaults)}" if defaults else "takes no other keys"
+        raise SpecError(
+            f"search.{unknown[0]}",
+            f"unknown key for strategy {strategy} (value {_show(value[unknown[0]])}).",
+            f"search with strategy {strategy} {takes}.",
+        )
+    search = {"strategy": strategy, **defaults, **{k: v for k, v in value.items() if k != "strategy"}}
+    if strategy == "random":
+        n_iter = search["n_iter"]
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+            raise SpecError("search.n_iter", f"got {_show(n_iter)}.", "give a positive integer, e.g. n_iter: 20.")
+        seed = search["random_state"]
+        if seed is None:
+            raise SpecError(
+                "search.random_state",
+                "is missing; without it every process would sample other candidates, so the plan could not be "
+                "reproduced (scikit-learn allows None; a study here may not).",
+                f"give an integer seed, e.g. {_SEARCH_EXAMPLE}.",
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
+            raise SpecError("search.random_state", f"got {_show(seed)}.", f"give an integer in [0, {_MAX_SEED}].")
+    return search
+
+
+def _refuse_space(name: str, raw: Mapping[str, Any], strategy: str) -> None:
+    """param_grid belongs to the grid strategy, param_distributions to random: never both, never crossed."""
+    if raw.get(name) is None:  # absent, or null (a form's empty field)
+        return
+    other = "param_distributions" if name == "param_grid" else "param_grid"
+    fix = (
+        "rename it to param_distributions (lists are sampled uniformly) or omit search for a grid."
+        if name == "param_grid"
+        else f"set {_SEARCH_EXAMPLE} to sample it, or rename it to param_grid."
+    )
+    raise SpecError(
+        name,
+        f"is not used by search strategy {strategy}, which searches {other} "
+        f"(value {_show(raw[name])}); param_grid and param_distributions are mutually exclusive.",
+        fix,
+    )
+
+
+def _parse_param_distributions(value: Any, allowed: Policy) -> list[dict[str, Any]]:
+    """sklearn's ParameterSampler semantics: a mapping or a list of mappings of lists or scipy.stats distributions."""
+    example = "{clf__C: {_target_: scipy.stats.loguniform, a: 0.001, b: 1000}, clf__kernel: [rbf, poly]}"
+    if isinstance(value, Mapping):
+        mappings, single = [value], True
+    elif isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+        mappings, single = value, False
+    elif isinstance(value, list) and value:
+        index, item = next((i, m) for i, m in enumerate(value) if not isinstance(m, Mapping))
+        raise SpecError(
+            f"param_distributions[{index}]",
+            f"got {_show(item)}; each item of a param_distributions list must be a mapping.",
+            f"write each item as {example}.",
+        )
+    else:
+        raise SpecError(
+            "param_distributions",
+            f"got {_show(value)}." if value is not None else "is missing (search strategy random samples it).",
+            f"give a mapping of parameter name to a list or a scipy.stats distribution, e.g. {example}.",
+        )
+    checked: list[dict[str, Any]] = []
+    for index, mapping in enumerate(mappings):
+        prefix = "param_distributions" if single else f"param_distributions[{index}]"
+        if not mapping:
+            raise SpecError(prefix, "got an empty mapping: nothing to sample.", f"name parameters, e.g. {example}.")
+        for param, values in mapping.items():
+            path = f"{prefix}.{param}"
+            if is_object_spec(values):
+                check(values, path, allowed)
+                if not hasattr(trust.resolve(values[TARGET_KEY], f"{path}._target_", allowed), "rvs"):
+                    raise SpecError(
+                        f"{path}._target_",
+                        f"got {_show(values[TARGET_KEY])}, which is not a distribution (it has no rvs method).",
+                        "use a scipy.stats distribution, e.g. {_target_: scipy.stats.loguniform, a: 0.001, b: 1000}, "
+                        "or a list of values.",
+                    )
+                continue
+            if not isinstance(values, list):
+                raise SpecError(
+                    path,
+                    f"got {_show(values)} ({type(values).__name__}); each parameter needs a list of values or a "
+                    "scipy.stats distribution.",
+                    f"wrap a single value in a list: [{_show(values)}], or give {{_target_: scipy.stats...}}.",
+                )
+            if not values:
+                raise SpecError(path, "got an empty list.", "give at least one value.")
+            for position, item in enumerate(values):
+                trust.check_parameter(str(param), item, f"{path}[{position}]", allowed)
+            check(values, path, allowed)
+        checked.append(dict(mapping))
+    return checked
+
+
 def _parse_cv(value: Any, allowed: Policy) -> Any:
     if isinstance(value, bool) or not (isinstance(value, int) or is_object_spec(value)):
         raise SpecError(
@@ -445,8 +624,10 @@ def _parse_cv(value: Any, allowed: Policy) -> Any:
     return value
 
 
-def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
+def _parse_scoring(value: Any, allowed: Policy) -> str | list[str] | dict[str, str | dict[str, Any]] | None:
     from sklearn.metrics import get_scorer_names  # local: the spec module stays cheap to import
+
+    from airflow_grid import scoring_spec
 
     names = set(get_scorer_names())
 
@@ -469,12 +650,23 @@ def _parse_scoring(value: Any) -> str | list[str] | dict[str, str] | None:
         if len(set(map(str, value))) != len(value):
             raise SpecError("scoring", f"got duplicates in {_show(value)}.", "list each scorer once.")
         return [check(name, f"scoring[{i}]") for i, name in enumerate(value)]
+    if scoring_spec.is_make_scorer(value):
+        raise SpecError(
+            "scoring",
+            f"got {_show(value)}: a make_scorer entry needs a metric name.",
+            f"name it, e.g. scoring: {{f2: {{make_scorer: {value['make_scorer']}, ...}}}}, and refit by that name.",
+        )
     if isinstance(value, Mapping) and value:
-        return {str(key): check(name, f"scoring.{key}") for key, name in value.items()}
+        return {
+            str(key): scoring_spec.parse_entry(entry, f"scoring.{key}", allowed)
+            if scoring_spec.is_make_scorer(entry)
+            else check(entry, f"scoring.{key}")
+            for key, entry in value.items()
+        }
     raise SpecError(
         "scoring",
         f"got {_show(value)}.",
-        "give a scorer name, a list of names, or a mapping {metric: scorer-name}.",
+        "give a scorer name, a list of names, or a mapping {metric: scorer-name or {make_scorer: fbeta_score, ...}}.",
     )
 
 
@@ -488,7 +680,11 @@ def _close_names(name: str, names: set[str], limit: int = 4) -> list[str]:
     return list(dict.fromkeys(ranked))[:limit]
 
 
-def _parse_refit(value: Any, scoring: str | list[str] | dict[str, str] | None) -> str | bool:
+def _parse_refit(
+    value: Any, scoring: str | list[str] | dict[str, Any] | None, grid_values: dict[str, list[Any] | None]
+) -> str | bool | dict[str, Any]:
+    if isinstance(value, Mapping):
+        return _parse_refit_rule(value, scoring, grid_values)
     if not isinstance(scoring, list | dict):
         if value in (None, True):
             return True
@@ -507,6 +703,73 @@ def _parse_refit(value: Any, scoring: str | list[str] | dict[str, str] | None) -
             f"write refit: one of {metrics}.",
         )
     return str(value)
+
+
+REFIT_RULES = ("one_standard_error",)
+_RULE_EXAMPLE = "refit: {metric: acc, rule: one_standard_error, simplest: {param: clf__C, order: ascending}}"
+
+
+def _parse_refit_rule(
+    value: Mapping[str, Any], scoring: str | list[str] | dict[str, Any] | None, grid_values: dict[str, Any]
+) -> dict[str, Any]:
+    """``{metric, rule, simplest: {param, order}}``, normalised (``metric`` as in cv_results_ keys)."""
+    for known, path in ((("metric", "rule", "simplest"), "refit"), (("param", "order"), "refit.simplest")):
+        mapping = value if path == "refit" else value.get("simplest")
+        unknown = sorted(set(mapping) - set(known)) if isinstance(mapping, Mapping) else []
+        if unknown:
+            raise SpecError(
+                f"{path}.{unknown[0]}",
+                f"unknown field (value {_show(mapping[unknown[0]])}).",  # type: ignore[index]
+                f"{path} takes {', '.join(known)}, e.g. {_RULE_EXAMPLE}.",
+            )
+    metric = value.get("metric")
+    if isinstance(scoring, list | dict):
+        if metric not in list(scoring):
+            raise SpecError(
+                "refit.metric", f"got {_show(metric)}.", f"name the metric the rule uses: one of {list(scoring)}."
+            )
+    elif metric in (None, "score", scoring):
+        metric = "score"
+    else:
+        raise SpecError("refit.metric", f"got {_show(metric)} with a single metric.", "omit refit.metric.")
+    if value.get("rule") not in REFIT_RULES:
+        raise SpecError("refit.rule", f"got {_show(value.get('rule'))}.", f"write rule: {' or '.join(REFIT_RULES)}.")
+    simplest = value.get("simplest")
+    if not isinstance(simplest, Mapping):
+        raise SpecError("refit.simplest", f"got {_show(simplest)}.", f"name the parameter to prefer: {_RULE_EXAMPLE}.")
+    param, order = simplest.get("param"), simplest.get("order", "ascending")
+    if not isinstance(param, str) or param not in grid_values:
+        close = difflib.get_close_matches(str(param), list(grid_values), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise SpecError(
+            "refit.simplest.param",
+            f"got {_show(param)}, which is not a searched parameter.",
+            f"{hint}name one of {sorted(grid_values)}.",
+        )
+    values = [v for v in grid_values[param] or [] if v is not None]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    if not (numbers or all(isinstance(v, str) for v in values)):
+        raise SpecError(
+            "refit.simplest.param",
+            f"{param} has values {_show(values)}, which have no order.",
+            "pick a parameter whose values are all numbers or all strings (null sorts last).",
+        )
+    if order not in ("ascending", "descending"):
+        raise SpecError("refit.simplest.order", f"got {_show(order)}.", "write ascending or descending.")
+    return {"metric": metric, "rule": value["rule"], "simplest": {"param": param, "order": order}}
+
+
+def _grid_values(param_grid: list[dict[str, list[Any]]], distributions: Any) -> dict[str, list[Any] | None]:
+    """Every searched parameter and its listed values (None: sampled from a distribution, not listed)."""
+    found: dict[str, list[Any] | None] = {}
+    grids = distributions if isinstance(distributions, list) else [distributions] if distributions else []
+    for grid in [*param_grid, *grids]:
+        for name, values in grid.items() if isinstance(grid, Mapping) else ():
+            if isinstance(values, list) and found.get(name, []) is not None:
+                found[name] = [*(found.get(name) or []), *values]
+            else:
+                found[name] = None
+    return found
 
 
 def _parse_error_score(value: Any) -> float | str:

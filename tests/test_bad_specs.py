@@ -108,6 +108,11 @@ BAD_VALUES: dict[str, list[Any]] = {
     ],
     "limits": [5, {"max_fits": 0}, {"max_fits": "x"}, {"max_fits": 10**12}, {"other": 1}, {"max_fits": 2}],
     "backend": ["docker", 5, None],
+    "search": [
+        5, "random", {"strategy": "bayes"}, {"strategy": "grid", "n_iter": 5}, {"strategy": "random"},
+        {"strategy": "random", "n_iter": 0, "random_state": 0}, {"strategy": "random", "random_state": "x"},
+    ],
+    "param_distributions": [{"clf__C": [1]}, {"clf__C": {"_target_": "scipy.stats.loguniform", "a": 1, "b": 2}}],
 }  # fmt: skip
 EXTRA_FIELDS = [{"bogus": 1}, {"param_grids": {}}, {"Name": "x"}]
 ROUTE_TARGETS = [

@@ -262,6 +262,10 @@ BAD_CONF = [
     pytest.param({"backend": "spark"}, r"param backend: 'spark' is not one of", id="backend-spark"),
     pytest.param({"dataset_version": "v 1; rm -rf"}, r"param dataset_version", id="dataset-version-spaces"),
     pytest.param({"param_grid": "C=1"}, r"param param_grid", id="grid-string"),
+    pytest.param({"search": {"strategy": "bayes"}}, r"param search: 'bayes' is not one of", id="search-strategy"),
+    pytest.param({"search": {"strategy": "random", "n_iter": 0}}, r"param search: 0 is less", id="search-n-iter-0"),
+    pytest.param({"search": {"strategy": "random", "seed": 1}}, r"param search: .*seed", id="search-unknown-key"),
+    pytest.param({"param_distributions": "C=1"}, r"param param_distributions", id="distributions-string"),
     pytest.param({"scoring": 3}, r"param scoring", id="scoring-number"),
     pytest.param({"spec": ["not", "a", "mapping"]}, r"param spec", id="spec-list"),
 ]
@@ -277,6 +281,13 @@ GOOD_CONF = [
     pytest.param({"backend": "kubernetes"}, id="backend-kubernetes"),
     pytest.param({"dataset_version": "2026-11-24"}, id="dataset-version"),
     pytest.param({"param_grid": [{"clf__C": [1, 10]}]}, id="grid-list"),
+    pytest.param(
+        {
+            "search": {"strategy": "random", "n_iter": 4, "random_state": 0},
+            "param_distributions": {"clf__C": {"_target_": "scipy.stats.loguniform", "a": 0.01, "b": 100}},
+        },
+        id="random-search",
+    ),
     pytest.param({"scoring": ["accuracy", "f1_macro"]}, id="scoring-list"),
     pytest.param({"spec": {"name": "x"}}, id="whole-spec"),  # the spec itself is validated at plan
 ]
@@ -418,6 +429,19 @@ def test_plan_operator_deals_candidates_into_max_parallel_tasks(plan_operator: P
     assert [item["indices"] for item in items] == [[0, 2, 4], [1, 3]]
     assert math.isclose(float(items[0]["cpu"]), 1.0)
     assert context["ti"].pushed["plan"]["overrides"] == ["param_grid"]
+
+
+def test_plan_operator_plans_a_random_search_from_conf(plan_operator: PlanGridSearchOperator) -> None:
+    """Trigger conf switches the file's grid to a random search: its param_grid is replaced, not a conflict."""
+    conf = {
+        "search": {"strategy": "random", "n_iter": 4, "random_state": 0},
+        "param_distributions": {"clf__C": {"_target_": "scipy.stats.loguniform", "a": 0.01, "b": 100}},
+        "max_parallel": 1,
+    }
+    context = _plan_context(conf, {}, None)
+    items = plan_operator.execute(context)  # type: ignore[arg-type]
+    assert [item["indices"] for item in items] == [[0, 1, 2, 3]]
+    assert context["ti"].pushed["plan"]["overrides"] == ["search", "param_distributions"]
 
 
 def test_asset_dataset_version_selects_the_data_file(

@@ -1,4 +1,4 @@
-"""`airflow-grid run` against GridSearchCV(n_jobs=1), cell by cell.
+"""`airflow-grid run` against GridSearchCV(n_jobs=1) (and RandomizedSearchCV for search: random), cell by cell.
 
 Each case is a pair: a spec document (run through the real CLI in a subprocess, so planning, snapshots, worker
 processes, the store and the reduction are all exercised) and a function that builds the same search with plain
@@ -24,13 +24,21 @@ import pandas as pd
 import pytest
 import yaml
 from numpy.testing import assert_array_equal
+from scipy.stats import loguniform, randint, uniform
 from sklearn.base import BaseEstimator
 from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 from sklearn.decomposition import PCA
 from sklearn.exceptions import FitFailedWarning
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.model_selection import GridSearchCV, KFold, ShuffleSplit, StratifiedKFold, train_test_split
+from sklearn.model_selection import (
+    GridSearchCV,
+    KFold,
+    RandomizedSearchCV,
+    ShuffleSplit,
+    StratifiedKFold,
+    train_test_split,
+)
 from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
@@ -52,7 +60,7 @@ class Reference:
     """A GridSearchCV built by hand; ``holdout`` = (test_size, random_state) split off before the search."""
 
     estimator: BaseEstimator
-    param_grid: dict[str, list[Any]] | list[dict[str, list[Any]]]
+    param_grid: Any  # a grid, or the param_distributions (lists or scipy.stats distributions) when n_iter is set
     X: Any
     y: Any
     cv: Any = 5
@@ -63,11 +71,13 @@ class Reference:
     holdout: tuple[float, int] | None = None
     stratify: bool = True
     n_failed: int = 0  # candidates with at least one failed fit
+    n_iter: int | None = None  # set: a RandomizedSearchCV (with random_state) instead of a GridSearchCV
+    random_state: int | None = None
 
 
 @dataclass
 class Fitted:
-    search: GridSearchCV
+    search: GridSearchCV | RandomizedSearchCV
     holdout_score: float | None
     warnings: list[warnings.WarningMessage] = field(default_factory=list)
 
@@ -80,16 +90,21 @@ def fit_reference(ref: Reference) -> Fitted:
         X, X_test, y, y_test = train_test_split(
             X, y, test_size=test_size, random_state=random_state, stratify=y if ref.stratify else None
         )
-    search = GridSearchCV(
-        ref.estimator,
-        ref.param_grid,
-        scoring=ref.scoring,
-        n_jobs=1,
-        refit=ref.refit,
-        cv=ref.cv,
-        error_score=ref.error_score,
-        return_train_score=ref.return_train_score,
-    )
+    common: dict[str, Any] = {
+        "scoring": ref.scoring,
+        "n_jobs": 1,
+        "refit": ref.refit,
+        "cv": ref.cv,
+        "error_score": ref.error_score,
+        "return_train_score": ref.return_train_score,
+    }
+    search: GridSearchCV | RandomizedSearchCV
+    if ref.n_iter is None:
+        search = GridSearchCV(ref.estimator, ref.param_grid, **common)
+    else:
+        search = RandomizedSearchCV(
+            ref.estimator, ref.param_grid, n_iter=ref.n_iter, random_state=ref.random_state, **common
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         search.fit(X, y)
@@ -476,6 +491,157 @@ def _dataframe_file(fmt: str, holdout: bool) -> tuple[Callable[[Path], dict[str,
     return spec, reference
 
 
+def _random(n_iter: int, random_state: int) -> dict[str, Any]:
+    return {"search": {"strategy": "random", "n_iter": n_iter, "random_state": random_state}}
+
+
+def _random_lists_only() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
+    space = {"max_depth": [1, 2, 3, None], "min_samples_leaf": [1, 2, 5], "criterion": ["gini", "entropy"]}
+    spec = {
+        "data": {"_target_": "sklearn.datasets.load_iris", "return_X_y": True},
+        "estimator": {"_target_": "sklearn.tree.DecisionTreeClassifier", "random_state": 0},
+        **_random(7, 0),
+        "param_distributions": space,  # lists only: sampled without replacement from the grid
+        "cv": 3,
+        "scoring": "accuracy",
+    }
+
+    def reference(_: Path) -> Reference:
+        X, y = load_iris(return_X_y=True)
+        tree = DecisionTreeClassifier(random_state=0)
+        return Reference(tree, space, X, y, cv=3, scoring="accuracy", n_iter=7, random_state=0)
+
+    return spec, reference
+
+
+def _random_scipy_distributions() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
+    spec = {
+        "data": {"_target_": "sklearn.datasets.load_iris", "return_X_y": True},
+        "estimator": {
+            "_target_": "sklearn.pipeline.Pipeline",
+            "steps": [
+                ["scale", {"_target_": "sklearn.preprocessing.StandardScaler"}],
+                ["clf", {"_target_": "sklearn.svm.SVC"}],
+            ],
+        },
+        **_random(8, 42),
+        "param_distributions": {
+            "clf__C": {"_target_": "scipy.stats.loguniform", "a": 0.01, "b": 100},  # continuous
+            "clf__degree": {"_target_": "scipy.stats.randint", "low": 1, "high": 5},  # integer
+            "clf__kernel": ["rbf", "poly"],
+        },
+        "cv": 4,
+        "scoring": ["accuracy", "f1_macro"],
+        "refit": "f1_macro",
+        "return_train_score": True,
+    }
+
+    def reference(_: Path) -> Reference:
+        X, y = load_iris(return_X_y=True)
+        space = {"clf__C": loguniform(0.01, 100), "clf__degree": randint(1, 5), "clf__kernel": ["rbf", "poly"]}
+        pipeline = Pipeline([("scale", StandardScaler()), ("clf", SVC())])
+        return Reference(
+            pipeline,
+            space,  # distributions, as RandomizedSearchCV takes them
+            X,
+            y,
+            cv=4,
+            scoring=["accuracy", "f1_macro"],
+            refit="f1_macro",
+            return_train_score=True,
+            n_iter=8,
+            random_state=42,
+        )
+
+    return spec, reference
+
+
+def _random_list_of_mappings_swap() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
+    spec = {
+        "data": {"_target_": "sklearn.datasets.load_iris", "return_X_y": True},
+        "estimator": {
+            "_target_": "sklearn.pipeline.Pipeline",
+            "steps": [
+                ["scale", {"_target_": "sklearn.preprocessing.StandardScaler"}],
+                ["clf", {"_target_": "sklearn.svm.SVC"}],
+            ],
+        },
+        **_random(10, 3),
+        "param_distributions": [
+            {
+                "clf": [{"_target_": "sklearn.neighbors.KNeighborsClassifier"}],
+                "clf__n_neighbors": {"_target_": "scipy.stats.randint", "low": 1, "high": 30},
+                "scale": ["passthrough", {"_target_": "sklearn.preprocessing.StandardScaler"}],
+            },
+            {
+                "clf": [{"_target_": "sklearn.linear_model.LogisticRegression", "max_iter": 500}],
+                "clf__C": {"_target_": "scipy.stats.loguniform", "a": 0.001, "b": 100},
+            },
+        ],
+        "cv": {"_target_": "sklearn.model_selection.KFold", "n_splits": 3, "shuffle": True, "random_state": 1},
+        "scoring": "balanced_accuracy",
+    }
+
+    def reference(_: Path) -> Reference:
+        X, y = load_iris(return_X_y=True)
+        pipeline = Pipeline([("scale", StandardScaler()), ("clf", SVC())])
+        space = [
+            {
+                "clf": [KNeighborsClassifier()],
+                "clf__n_neighbors": randint(1, 30),
+                "scale": ["passthrough", StandardScaler()],
+            },
+            {"clf": [LogisticRegression(max_iter=500)], "clf__C": loguniform(0.001, 100)},
+        ]
+        return Reference(
+            pipeline,
+            space,
+            X,
+            y,
+            cv=KFold(n_splits=3, shuffle=True, random_state=1),
+            scoring="balanced_accuracy",
+            n_iter=10,
+            random_state=3,
+        )
+
+    return spec, reference
+
+
+def _random_regressor_uniform_holdout() -> tuple[dict[str, Any], Callable[[Path], Reference]]:
+    spec = {
+        "data": {"_target_": "sklearn.datasets.load_diabetes", "return_X_y": True},
+        "holdout": {"test_size": 0.25, "random_state": 3},
+        "estimator": {"_target_": "sklearn.linear_model.Ridge"},
+        **_random(6, 11),
+        "param_distributions": {
+            "alpha": {"_target_": "scipy.stats.uniform", "loc": 0.01, "scale": 10},
+            "fit_intercept": [True, False],
+        },
+        "cv": 3,
+        "scoring": {"r2": "r2", "mae": "neg_mean_absolute_error"},
+        "refit": "mae",
+    }
+
+    def reference(_: Path) -> Reference:
+        X, y = load_diabetes(return_X_y=True)
+        space = {"alpha": uniform(loc=0.01, scale=10), "fit_intercept": [True, False]}
+        return Reference(
+            Ridge(),
+            space,
+            X,
+            y,
+            cv=3,
+            scoring={"r2": "r2", "mae": "neg_mean_absolute_error"},
+            refit="mae",
+            holdout=(0.25, 3),
+            stratify=False,
+            n_iter=6,
+            random_state=11,
+        )
+
+    return spec, reference
+
+
 CASES = {
     "single-metric-svc": _iris_svc(),
     "multi-metric-list-train-scores": _multi_metric_list(),
@@ -488,6 +654,10 @@ CASES = {
     "partial-failures-npz-error-score-number": _partial_failures_numeric_error_score(),
     "dataframe-parquet-column-transformer": _dataframe_file("parquet", holdout=False),
     "dataframe-csv-column-transformer-holdout": _dataframe_file("csv", holdout=True),
+    "random-lists-only": _random_lists_only(),
+    "random-scipy-continuous-and-int-multi-metric": _random_scipy_distributions(),
+    "random-list-of-mappings-estimator-swap": _random_list_of_mappings_swap(),
+    "random-regressor-uniform-holdout": _random_regressor_uniform_holdout(),
 }
 
 

@@ -40,7 +40,18 @@ def _places(target: Any) -> list[tuple[str, dict[str, Any]]]:
         ("data", {"data": target}),
         ("param_grid", {"param_grid": {"clf": [target]}}),
         ("nested", {"param_grid": {"clf": [{"_target_": "sklearn.ensemble.BaggingClassifier", "estimator": target}]}}),
+        *(
+            (f"param_distributions-{name}", {**RANDOM, "param_grid": None, "param_distributions": space})
+            for name, space in (
+                ("distribution", {"clf__C": target}),
+                ("list", [{"clf": [target]}]),
+                ("distribution-argument", {"clf__C": {"_target_": "scipy.stats.loguniform", "a": target, "b": 1}}),
+            )
+        ),
     ]
+
+
+RANDOM = {"search": {"strategy": "random", "n_iter": 2, "random_state": 0}}
 
 
 # One route per class: through another module, a function that runs code or touches files, a non-estimator
@@ -170,6 +181,11 @@ FILE_ROUTES = [
         "estimator.memory", id="pipeline-memory",
     ),
     pytest.param({"param_grid": {"memory": ["{dir}"]}}, "param_grid.memory[0]", id="grid-memory"),
+    pytest.param(
+        {"search": {"strategy": "random", "random_state": 0}, "param_grid": None,
+         "param_distributions": [{"C": [1]}, {"memory": ["{dir}"]}]},
+        "param_distributions[1].memory[0]", id="distributions-memory",
+    ),
     pytest.param(
         {"param_grid": {"clf": [{"_target_": "sklearn.cluster.FeatureAgglomeration", "memory": "{dir}"}]}},
         "param_grid.clf[0].memory", id="nested-memory",
