@@ -82,6 +82,33 @@ def best_index(cv_results: dict[str, Any], refit_metric: str) -> int:
     return int(np.asarray(cv_results[f"rank_test_{refit_metric}"]).argmin())
 
 
+def one_standard_error(cv_results: dict[str, Any], metric: str, param: str, order: str = "ascending") -> int:
+    """The one-standard-error rule: the simplest candidate whose mean is within one std of the best.
+
+    Among candidates whose ``mean_test_<metric>`` is at least the best candidate's mean minus its std (the best by
+    rank, as :func:`best_index` picks it), the one whose ``param`` value comes first in ``order``; ties go to the
+    lower candidate index; candidates lacking the parameter (or with a null value) sort last. NaN means are never
+    chosen; with no eligible candidate (every mean NaN) the best by rank is returned.
+    """
+    means = np.asarray(cv_results[f"mean_test_{metric}"], dtype=np.float64)
+    stds = np.asarray(cv_results[f"std_test_{metric}"], dtype=np.float64)
+    best = best_index(cv_results, metric)
+    eligible = [int(i) for i in np.flatnonzero(means >= means[best] - stds[best])]
+    params = cv_results["params"]
+    valued = [i for i in eligible if params[i].get(param) is not None]
+    ranked = sorted(valued, key=lambda i: params[i][param], reverse=order == "descending")  # stable: index ties
+    ranked += [i for i in eligible if i not in valued]
+    return ranked[0] if ranked else best
+
+
+def select_best(cv_results: dict[str, Any], refit_metric: str, refit_rule: dict[str, Any] | None = None) -> int:
+    """The winner: by rank on the refit metric, or by the spec's refit rule when it has one."""
+    if refit_rule is None:
+        return best_index(cv_results, refit_metric)
+    simplest = refit_rule["simplest"]
+    return one_standard_error(cv_results, refit_rule["metric"], simplest["param"], simplest.get("order", "ascending"))
+
+
 def check_failures(results: list[dict[str, Any]], n_splits: int) -> int:
     """Raise :class:`AllFitsFailedError` if every fit failed; else return how many candidates had failures."""
     errors = [r["error"] for r in results if r.get("error")]
@@ -126,16 +153,19 @@ def reduce(
     metric_names: list[str],
     return_train_score: bool,
     refit_metric: str,
+    refit_rule: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The whole reduce step: (cv_results_, best) where best is the ``best.json`` contract's fields.
 
-    Raises :class:`AllFitsFailedError` when every fit failed, as GridSearchCV does.
+    With a refit rule, best is the rule's choice (as GridSearchCV with the equivalent ``refit`` callable), its
+    ``best_score`` that candidate's mean, and ``refit_rule`` records the rule. Raises :class:`AllFitsFailedError`
+    when every fit failed, as GridSearchCV does.
     """
     n_failed = check_failures(results, n_splits)
     cv_results = assemble(
         candidate_params, results, n_splits=n_splits, metric_names=metric_names, return_train_score=return_train_score
     )
-    winner = best_index(cv_results, refit_metric)
+    winner = select_best(cv_results, refit_metric, refit_rule)
     best = {
         "best_index": winner,
         "best_score": float(cv_results[f"mean_test_{refit_metric}"][winner]),
@@ -144,4 +174,6 @@ def reduce(
         "n_candidates": len(candidate_params),
         "n_failed": n_failed,
     }
+    if refit_rule is not None:
+        best["refit_rule"] = refit_rule
     return cv_results, best

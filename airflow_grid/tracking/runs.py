@@ -25,6 +25,7 @@ TAG_DATASET_VERSION = "airflow_grid.dataset_version"
 TAG_PLAN_ID = "airflow_grid.plan_id"
 TAG_BEST_INDEX = "airflow_grid.best_index"
 TAG_REFIT_METRIC = "airflow_grid.refit_metric"
+TAG_REFIT_RULE = "airflow_grid.refit_rule"
 TAG_PLAN_URI = "airflow_grid.plan_uri"
 DEFAULT_MAX_CHILD_RUNS = 100
 
@@ -129,6 +130,8 @@ def log_study(
         RunTag(TAG_BEST_INDEX, str(best["best_index"])),
         RunTag("airflow_grid.n_candidates", str(len(cv_results["params"]))),
     ]
+    if best.get("refit_rule"):  # the winner is the rule's choice, not rank 1: say so on the parent run
+        run_tags.append(RunTag(TAG_REFIT_RULE, json.dumps(best["refit_rule"], sort_keys=True)))
     _log_missing(mlflow_client, parent, metrics=metrics, params=params, tags=run_tags)
     with tempfile.TemporaryDirectory(prefix="airflow-grid-mlflow-") as scratch:
         folder = Path(scratch)
