@@ -38,6 +38,9 @@ def plan_command(args: argparse.Namespace) -> int:
     print(f"budget guard: {document['n_fits']} <= limits.max_fits={spec.max_fits}: ok")
     print(f"resources per candidate: {spec.resources.to_json()} -> n_jobs <= {spec.resources.n_jobs}")
     print(f"data: {document['n_samples']} search rows, fingerprint {document['data_fingerprint'][:12]}")
+    if spec.data.get("groups") or spec.fit_params:  # both in the fingerprint; groups only shape the folds
+        shown = ", ".join(f"{name} <- {column}" for name, column in spec.fit_params.items()) or "none"
+        print(f"groups: {spec.data.get('groups') or 'none'}; fit params (sliced per fold): {shown}")
     print(f"keys name: {versions.describe(document['versions'])}, result format {document['result_format']}")
     print(f"plan: {plan.uri}")
     store = Store(plan.store_root)

@@ -40,17 +40,19 @@ def evaluate(
     y: Any,
     folds: list[tuple[np.ndarray, np.ndarray]],
     *,
-    scoring: str | list[str] | dict[str, str] | None,
+    scoring: str | list[str] | dict[str, Any] | None,
     metric_names: list[str],
     error_score: float | str,
     return_train_score: bool,
     cpu: float,
+    fit_params: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit and score ``estimator`` (params already set) on every fold; failures become data per error_score.
 
     Returns per-fold ``test_scores`` (and ``train_scores``) keyed by metric, ``fit_time``, ``score_time``,
     ``n_failed_fits`` and ``error`` (sklearn's failure summary, or None). With ``error_score="raise"`` the fit
-    error propagates, as in GridSearchCV.
+    error propagates, as in GridSearchCV. ``fit_params`` (full-length arrays, as given to ``GridSearchCV.fit``)
+    are sliced to each fold's train indices by ``cross_validate`` exactly as GridSearchCV slices them.
     """
     from sklearn.model_selection import cross_validate
     from threadpoolctl import threadpool_limits
@@ -71,6 +73,7 @@ def evaluate(
                 n_jobs=n_jobs,
                 error_score=error_score,
                 return_train_score=return_train_score,
+                params=fit_params or None,
             )
         except ValueError as failure:
             original = _renamed_from(failure) if error_score == "raise" else None

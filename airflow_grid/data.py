@@ -9,14 +9,15 @@ as an index manifest whose hash is part of every candidate key.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
 from sklearn.base import is_classifier
-from sklearn.model_selection import check_cv, train_test_split
+from sklearn.model_selection import GroupShuffleSplit, check_cv, train_test_split
 
 from airflow_grid.spec import SearchSpec, SpecError, build
 
@@ -32,34 +33,116 @@ class Dataset:
     y: Target
     X_holdout: Table | None = None
     y_holdout: Target | None = None
+    groups: np.ndarray | None = None  # data.groups: given to the splitter, never to a fit
+    groups_holdout: np.ndarray | None = None
+    fit_params: dict[str, np.ndarray] = field(default_factory=dict)  # fit_params: sliced per fold by sklearn
+    fit_params_holdout: dict[str, np.ndarray] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for part in (self.X, self.y, self.X_holdout, self.y_holdout):
             digest.update(_fingerprint_part(part).encode())
+        if self.groups is not None:  # only when given, so the fingerprint of data without them is unchanged
+            digest.update(f"groups{_fingerprint_part(self.groups)}{_fingerprint_part(self.groups_holdout)}".encode())
+        for name in sorted(self.fit_params):
+            holdout = self.fit_params_holdout.get(name)
+            digest.update(f"fit:{name}{_fingerprint_part(self.fit_params[name])}{_fingerprint_part(holdout)}".encode())
         return digest.hexdigest()
 
 
 def load(spec: SearchSpec, estimator: Any) -> Dataset:
     """Load X, y from the spec's data source and split off the holdout if the spec asks for one."""
-    X, y = _load_source(spec)
+    X, y, columns = _load_source(spec)
+    groups = columns.get(spec.data["groups"]) if spec.data.get("groups") else None
+    fit_params = {name: columns[column] for name, column in spec.fit_params.items()}
+    check_fit_params(spec, estimator)
     if spec.holdout is None:
-        return Dataset(X=X, y=y)
+        return Dataset(X=X, y=y, groups=groups, fit_params=fit_params)
+    if groups is not None:  # no group on both sides; stratify is not applied (refused at parse when asked for)
+        splitter = GroupShuffleSplit(
+            n_splits=1, test_size=spec.holdout.test_size, random_state=spec.holdout.random_state
+        )
+        try:
+            train, test = next(splitter.split(X, y, groups))
+        except ValueError as error:
+            raise SpecError("holdout", f"the group split failed: {error}", "change test_size.") from error
+        return Dataset(
+            X=_take(X, train),
+            y=y[train],
+            X_holdout=_take(X, test),
+            y_holdout=y[test],
+            groups=groups[train],
+            groups_holdout=groups[test],
+            fit_params={name: values[train] for name, values in fit_params.items()},
+            fit_params_holdout={name: values[test] for name, values in fit_params.items()},
+        )
     stratify = spec.holdout.stratify if spec.holdout.stratify is not None else is_classifier(estimator)
+    names = list(fit_params)
     try:
-        X_train, X_test, y_train, y_test = train_test_split(
+        X_train, X_test, y_train, y_test, *extra = train_test_split(
             X,
             y,
+            *(fit_params[name] for name in names),
             test_size=spec.holdout.test_size,
             random_state=spec.holdout.random_state,
             stratify=y if stratify else None,
         )
     except ValueError as error:
         raise SpecError("holdout", f"the split failed: {error}", "change test_size, or set stratify: false.") from error
-    return Dataset(X=X_train, y=y_train, X_holdout=X_test, y_holdout=y_test)
+    return Dataset(
+        X=X_train,
+        y=y_train,
+        X_holdout=X_test,
+        y_holdout=y_test,
+        fit_params={name: extra[2 * k] for k, name in enumerate(names)},
+        fit_params_holdout={name: extra[2 * k + 1] for k, name in enumerate(names)},
+    )
 
 
-def _load_source(spec: SearchSpec) -> tuple[Table, Target]:
+def _take(X: Table, indices: np.ndarray) -> Table:
+    return X.iloc[indices] if isinstance(X, pd.DataFrame) else X[indices]
+
+
+def check_fit_params(spec: SearchSpec, estimator: Any) -> None:
+    """Refuse a fit parameter the estimator's ``fit`` cannot take, where its signature says so (else fits fail)."""
+    swapped = {key for mapping in [*spec.param_grid, *spec.param_distributions] for key in mapping}
+    for name in spec.fit_params:
+        steps = name.split("__")[:-1]
+        if any("__".join(steps[: k + 1]) in swapped for k in range(len(steps))):
+            continue  # the grid replaces that step: each candidate's own fit decides
+        problem = _fit_param_problem(estimator, name)
+        if problem is not None:
+            raise SpecError(f"fit_params.{name}", problem[0], problem[1])
+
+
+def _fit_param_problem(estimator: Any, name: str) -> tuple[str, str] | None:
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline):
+        step, separator, rest = name.partition("__")
+        steps = dict(estimator.steps)
+        if not separator or step not in steps:
+            return (
+                f"a Pipeline takes fit parameters as <step>__<parameter>; its steps are {list(steps)}.",
+                f"write e.g. {list(steps)[-1]}__sample_weight.",
+            )
+        inner = steps[step]
+        return None if inner is None or isinstance(inner, str) else _fit_param_problem(inner, rest)
+    try:
+        parameters = inspect.signature(estimator.fit).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None
+    accepted = [p for p in parameters if p not in ("X", "y", "self")]
+    return (
+        f"{type(estimator).__name__}.fit does not take {name!r} (it takes {accepted or 'only X and y'}).",
+        "remove it, or use an estimator whose fit takes it.",
+    )
+
+
+def _load_source(spec: SearchSpec) -> tuple[Table, Target, dict[str, np.ndarray]]:
+    """X, y and the named columns (arrays) that data.groups and fit_params take out of the file."""
     source = spec.data
     if "path" not in source:
         loaded = build(source, "data", spec.policy, role="data")
@@ -73,11 +156,12 @@ def _load_source(spec: SearchSpec) -> tuple[Table, Target]:
                 f"{source['_target_']} returned {type(loaded).__name__}, not (X, y).",
                 "pass return_X_y: true.",
             )
-        return _as_table(X), _as_target(y)
-    return _read_path(source)
+        return _as_table(X), _as_target(y), {}
+    names = list(dict.fromkeys([*([source["groups"]] if source.get("groups") else []), *spec.fit_params.values()]))
+    return _read_path(source, names)
 
 
-def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
+def _read_path(source: dict[str, Any], names: list[str]) -> tuple[Table, Target, dict[str, np.ndarray]]:
     import fsspec
 
     path, fmt = source["path"], source["format"]
@@ -90,7 +174,7 @@ def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
         raise SpecError("data.path", f"{path!r} is empty.", f"point data.path at a non-empty {fmt} file.")
     try:
         if fmt == "npz":
-            return _read_npz(payload, path)
+            return _read_npz(payload, path, names, source)
         frame = pd.read_csv(io.BytesIO(payload)) if fmt == "csv" else pd.read_parquet(io.BytesIO(payload))
     except SpecError:
         raise
@@ -107,21 +191,53 @@ def _read_path(source: dict[str, Any]) -> tuple[Table, Target]:
         raise SpecError(
             "data.target", f"column {target!r} is not in {list(frame.columns)}.", "name an existing column."
         )
-    columns = source.get("columns") or [c for c in frame.columns if c != target]
+    absent = [n for n in names if n not in frame.columns]
+    if absent:
+        raise SpecError(
+            _column_field(source, absent[0]),
+            f"column {absent[0]!r} is not in {list(frame.columns)}.",
+            "name an existing column.",
+        )
+    columns = source.get("columns") or [c for c in frame.columns if c != target and c not in names]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise SpecError("data.columns", f"columns {missing} are not in the file.", "list existing columns.")
-    return frame[columns].reset_index(drop=True), _as_target(frame[target])
+    taken = [c for c in columns if c in names]
+    if taken:
+        raise SpecError(
+            "data.columns", f"lists {taken}, used by data.groups or fit_params.", "remove them from data.columns."
+        )
+    extras = {name: frame[name].to_numpy() for name in names}
+    return frame[columns].reset_index(drop=True), _as_target(frame[target]), extras
 
 
-def _read_npz(payload: bytes, path: str) -> tuple[Table, Target]:
+def _column_field(source: dict[str, Any], column: str) -> str:
+    if source.get("groups") == column:
+        return "data.groups"
+    return "fit_params"
+
+
+def _read_npz(
+    payload: bytes, path: str, names: list[str], source: dict[str, Any]
+) -> tuple[Table, Target, dict[str, np.ndarray]]:
     with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
         if "X" not in arrays or "y" not in arrays:
             raise SpecError("data.path", f"{path!r} holds {sorted(arrays)[:20]}.", "save the arrays as X and y.")
+        absent = [n for n in names if n not in arrays]
+        if absent:
+            raise SpecError(
+                _column_field(source, absent[0]),
+                f"array {absent[0]!r} is not in {path!r}, which holds {sorted(arrays)[:20]}.",
+                "name an array saved in the npz file.",
+            )
         X, y = arrays["X"], arrays["y"]
+        extras = {name: np.asarray(arrays[name]) for name in names}
     if len(X) == 0 or len(X) != len(y):
         raise SpecError("data.path", f"{path!r} holds X of {len(X)} rows and y of {len(y)}.", "save matching rows.")
-    return _as_table(X), _as_target(y)
+    wrong = [name for name, values in extras.items() if len(values) != len(y)]
+    if wrong:
+        raise SpecError("data.path", f"{path!r}: array {wrong[0]!r} has not {len(y)} rows.", "save matching rows.")
+    return _as_table(X), _as_target(y), extras
 
 
 def _as_table(X: Any) -> Table:
@@ -182,17 +298,31 @@ def read_table(path: str, mmap: bool = True) -> Table:
 Folds: TypeAlias = list[tuple[np.ndarray, np.ndarray]]
 
 
-def make_folds(spec: SearchSpec, estimator: Any, X: Table, y: Target) -> Folds:
-    """The (train, test) indices GridSearchCV would use: ``check_cv(cv, y, classifier=is_classifier(est))``."""
+def make_folds(spec: SearchSpec, estimator: Any, X: Table, y: Target, groups: np.ndarray | None = None) -> Folds:
+    """The (train, test) indices GridSearchCV would use: ``check_cv(cv, y, classifier=is_classifier(est))``,
+    split as ``GridSearchCV.fit(X, y, groups=groups)`` splits (``splitter.split(X, y, groups)``)."""
     cv_value = spec.cv if isinstance(spec.cv, int) else build(spec.cv, "cv", spec.policy)
     try:
         splitter = check_cv(cv_value, y, classifier=is_classifier(estimator))
-        folds = [(np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y)]
+        folds = [(np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y, groups)]
     except Exception as error:  # a splitter refusing this data (too few rows per class, missing groups, ...)
-        raise SpecError(
-            "cv", f"splitting the search data failed: {type(error).__name__}: {error}", "lower the number of folds."
-        ) from None
+        fix = "lower the number of folds."
+        if groups is None and "groups" in str(error):
+            fix = "set data.groups to the column (npz: array) holding the groups."
+        raise SpecError("cv", f"splitting the search data failed: {type(error).__name__}: {error}", fix) from None
     return folds
+
+
+def fit_params_bytes(fit_params: dict[str, np.ndarray]) -> bytes:
+    """The fit parameters' snapshot: one npz array per parameter, named as GridSearchCV.fit takes it."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: _saveable(np.asarray(values)) for name, values in fit_params.items()})  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def read_fit_params(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}
 
 
 def folds_bytes(folds: Folds) -> bytes:

@@ -64,6 +64,7 @@ class Plan:
             metric_names=spec.metric_names,
             return_train_score=spec.return_train_score,
             refit_metric=spec.refit_metric,
+            refit_rule=spec.refit_rule,
         )
 
 
@@ -78,7 +79,7 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
     grid.check_candidates(spec, candidates)
     estimator = grid.build_estimator(spec)
     dataset = data.load(spec, estimator)
-    folds = data.make_folds(spec, estimator, dataset.X, dataset.y)
+    folds = data.make_folds(spec, estimator, dataset.X, dataset.y, dataset.groups)
     n_fits = grid.check_budget(spec, len(candidates), len(folds))
 
     # Every prefix the spec was validated with, $AIRFLOW_GRID_ALLOWED_TARGETS included: a pod may not carry it.
@@ -121,6 +122,10 @@ def _document(
         if part is not None
     }
     payloads["folds"] = (f"{directory}/folds.npz", data.folds_bytes(folds))
+    fit_parts = {"fit_params": dataset.fit_params, "fit_params_holdout": dataset.fit_params_holdout}
+    for name, arrays in fit_parts.items():
+        if arrays:  # only with fit_params: plans without them keep their files as before
+            payloads[name] = (f"{directory}/{name}.npz", data.fit_params_bytes(arrays))
     document: dict[str, Any] = {
         "plan_id": None,
         "study": spec.name,
@@ -143,7 +148,10 @@ def _document(
             }
             for candidate in candidates
         ],
-        "files": {name: payloads[name][0] if name in payloads else None for name in [*parts, "folds"]},
+        "files": {
+            name: payloads[name][0] if name in payloads else None
+            for name in [*parts, "folds", *(n for n in fit_parts if n in payloads)]
+        },
         "file_checks": {name: bytes_check(payload) for name, (_, payload) in payloads.items()},
     }
     return document, list(payloads.values())

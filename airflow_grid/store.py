@@ -6,6 +6,7 @@ Layout under the root (a local directory by default, any fsspec URL in productio
     plans/<plan_id>/plan.json         the plan: spec, candidates with keys, fold and data fingerprints
     plans/<plan_id>/X.npy|X.parquet   search data snapshot (and y.npy, X_holdout.*, y_holdout.npy)
     plans/<plan_id>/folds.npz         the fold index manifest
+    plans/<plan_id>/fit_params.npz    the spec's fit_params over the search data (and fit_params_holdout.npz)
 
 Writes are atomic (temporary file, fsync, rename locally; a single PUT on object stores), so a reader never sees a
 partial result and a retried task either finds a complete result or none. Reads verify anyway: a result that does

@@ -34,7 +34,7 @@ class BadInput(Exception):
 
 def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     """Evaluate candidates of a plan, serving any already in the store; returns ``{"results": [...]}``."""
-    from airflow_grid import cv, data, grid
+    from airflow_grid import cv, data, grid, scoring_spec
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
@@ -46,6 +46,7 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
         loaded: tuple[Any, Any, Any] | None = None
+        fit_params: dict[str, Any] | None = None
         bad = [index for index in indices if not 0 <= index < len(candidates)]
         if bad:  # checked before any fit, so a bad index never leaves half the work done
             shown = ", ".join(map(str, bad))
@@ -63,6 +64,8 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
                     data.read_folds(_verified_path(plan, store, "folds", cache)),
                 )
             X, y, folds = loaded
+            if fit_params is None:
+                fit_params = _fit_params(plan, store, cache)
             estimator = grid.build_estimator(spec, candidate["params"])
             capped = _cap_n_jobs(estimator, cv.budget(spec.resources.cpu, len(folds))[1], spec, index)
             started = time.perf_counter()
@@ -71,11 +74,12 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
                 X,
                 y,
                 folds,
-                scoring=spec.scoring,
+                scoring=scoring_spec.scorers(spec),
                 metric_names=spec.metric_names,
                 error_score=spec.error_score,
                 return_train_score=spec.return_train_score,
                 cpu=spec.resources.cpu,
+                fit_params=fit_params,
             )
             result = {
                 "key": candidate["key"],
@@ -100,7 +104,7 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
     from sklearn.metrics import check_scoring
     from threadpoolctl import threadpool_limits
 
-    from airflow_grid import cv, data, grid
+    from airflow_grid import cv, data, grid, scoring_spec
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
@@ -120,7 +124,7 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
         estimator = grid.build_estimator(spec, candidate["params"])
         capped = _cap_n_jobs(estimator, threads, spec, index)
         started = time.perf_counter()
-        estimator.fit(X, y)
+        estimator.fit(X, y, **_fit_params(plan, store, cache))  # as GridSearchCV's refit: the whole search data
         fit_time = time.perf_counter() - started
         Path(model_path).parent.mkdir(parents=True, exist_ok=True)
         joblib.dump(estimator, model_path)
@@ -137,7 +141,7 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
         if plan.file("X_holdout"):
             X_holdout = data.read_table(_verified_path(plan, store, "X_holdout", cache), mmap=False)
             y_holdout = data.read_table(_verified_path(plan, store, "y_holdout", cache), mmap=False)
-            scorer = check_scoring(estimator, scoring=spec.refit_scorer)
+            scorer = check_scoring(estimator, scoring=scoring_spec.refit_scorer(spec))
             outcome["holdout_score"] = float(scorer(estimator, X_holdout, y_holdout))
             outcome["n_holdout"] = len(y_holdout)
     return outcome
@@ -182,6 +186,15 @@ def _check_versions(plan: Any) -> None:
             "nothing was fitted or stored. fix: re-plan the study with the worker's versions (rerun the DAG / "
             "airflow-grid run), or run a worker image with the plan's versions."
         )
+
+
+def _fit_params(plan: Any, store: Any, cache: str) -> dict[str, Any]:
+    """The spec's fit parameters over the whole search data (verified like every snapshot), or {}."""
+    from airflow_grid import data
+
+    if not plan.file("fit_params"):
+        return {}
+    return data.read_fit_params(_verified_path(plan, store, "fit_params", cache))
 
 
 def _verified_path(plan: Any, store: Any, name: str, cache: str) -> str:
