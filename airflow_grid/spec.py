@@ -454,28 +454,30 @@ def _format_from_path(path: str) -> str | None:
     return None
 
 
+def _search_space(value: Any, field: str, item_fix: str, problem: str, fix: str) -> list[tuple[str, Mapping[str, Any]]]:
+    """(field path, mapping) pairs of a search space given, as sklearn takes it, as a mapping or a list of them."""
+    if isinstance(value, Mapping):
+        return [(field, value)]
+    if isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
+        return [(f"{field}[{index}]", mapping) for index, mapping in enumerate(value)]
+    if isinstance(value, list) and value:
+        index, item = next((i, m) for i, m in enumerate(value) if not isinstance(m, Mapping))
+        raise SpecError(
+            f"{field}[{index}]", f"got {_show(item)}; each item of a {field} list must be a mapping.", item_fix
+        )
+    raise SpecError(field, problem, fix)
+
+
 def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]:
     """sklearn's grid semantics: a mapping or a list of mappings of non-empty lists."""
-    if isinstance(value, Mapping):
-        grids, single = [value], True
-    elif isinstance(value, list) and value and all(isinstance(g, Mapping) for g in value):
-        grids, single = value, False
-    elif isinstance(value, list) and value:
-        index, item = next((i, g) for i, g in enumerate(value) if not isinstance(g, Mapping))
-        raise SpecError(
-            f"param_grid[{index}]",
-            f"got {_show(item)}; each item of a param_grid list must be a mapping.",
-            "write each item as {parameter: [values, ...]}.",
-        )
-    else:
-        raise SpecError(
-            "param_grid",
-            f"got {_show(value)}.",
-            "give a mapping of parameter name to a list of values, or a list of such mappings.",
-        )
     checked: list[dict[str, list[Any]]] = []
-    for index, grid in enumerate(grids):
-        prefix = "param_grid" if single else f"param_grid[{index}]"
+    for prefix, grid in _search_space(
+        value,
+        "param_grid",
+        "write each item as {parameter: [values, ...]}.",
+        f"got {_show(value)}.",
+        "give a mapping of parameter name to a list of values, or a list of such mappings.",
+    ):
         for param, values in grid.items():
             path = f"{prefix}.{param}"
             if not isinstance(values, list):
@@ -559,26 +561,14 @@ def _refuse_space(name: str, raw: Mapping[str, Any], strategy: str) -> None:
 def _parse_param_distributions(value: Any, allowed: Policy) -> list[dict[str, Any]]:
     """sklearn's ParameterSampler semantics: a mapping or a list of mappings of lists or scipy.stats distributions."""
     example = "{clf__C: {_target_: scipy.stats.loguniform, a: 0.001, b: 1000}, clf__kernel: [rbf, poly]}"
-    if isinstance(value, Mapping):
-        mappings, single = [value], True
-    elif isinstance(value, list) and value and all(isinstance(m, Mapping) for m in value):
-        mappings, single = value, False
-    elif isinstance(value, list) and value:
-        index, item = next((i, m) for i, m in enumerate(value) if not isinstance(m, Mapping))
-        raise SpecError(
-            f"param_distributions[{index}]",
-            f"got {_show(item)}; each item of a param_distributions list must be a mapping.",
-            f"write each item as {example}.",
-        )
-    else:
-        raise SpecError(
-            "param_distributions",
-            f"got {_show(value)}." if value is not None else "is missing (search strategy random samples it).",
-            f"give a mapping of parameter name to a list or a scipy.stats distribution, e.g. {example}.",
-        )
     checked: list[dict[str, Any]] = []
-    for index, mapping in enumerate(mappings):
-        prefix = "param_distributions" if single else f"param_distributions[{index}]"
+    for prefix, mapping in _search_space(
+        value,
+        "param_distributions",
+        f"write each item as {example}.",
+        f"got {_show(value)}." if value is not None else "is missing (search strategy random samples it).",
+        f"give a mapping of parameter name to a list or a scipy.stats distribution, e.g. {example}.",
+    ):
         if not mapping:
             raise SpecError(prefix, "got an empty mapping: nothing to sample.", f"name parameters, e.g. {example}.")
         for param, values in mapping.items():
