@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airflow_grid import launch, leaderboard, results, versions
+from airflow_grid import launch, leaderboard, randomness, results, versions
 from airflow_grid.plan import Plan, make_plan
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -35,6 +35,13 @@ def plan_command(args: argparse.Namespace) -> int:
     plan = make_plan(spec, Store(args.store))
     document = plan.document
     print(f"study {spec.name}: {len(plan.candidates)} candidates x {plan.n_splits} folds = {document['n_fits']} fits")
+    if document.get("halving"):  # successive halving: the rounds the plan decided (survivors come from scores)
+        rounds = document["halving"]
+        shown = ", ".join(
+            f"{n} x {rounds['resource']}={r}"
+            for n, r in zip(rounds["n_candidates_per_round"], rounds["n_resources"], strict=True)
+        )
+        print(f"search {spec.strategy}: {rounds['n_iterations']} rounds (factor {rounds['factor']}): {shown}")
     print(f"budget guard: {document['n_fits']} <= limits.max_fits={spec.max_fits}: ok")
     print(f"resources per candidate: {spec.resources.to_json()} -> n_jobs <= {spec.resources.n_jobs}")
     print(f"data: {document['n_samples']} search rows, fingerprint {document['data_fingerprint'][:12]}")
@@ -42,6 +49,7 @@ def plan_command(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{name} <- {column}" for name, column in spec.fit_params.items()) or "none"
         print(f"groups: {spec.data.get('groups') or 'none'}; fit params (sliced per fold): {shown}")
     print(f"keys name: {versions.describe(document['versions'])}, result format {document['result_format']}")
+    _print_unseeded(plan)
     print(f"plan: {plan.uri}")
     store = Store(plan.store_root)
     for candidate in plan.candidates:
@@ -63,24 +71,40 @@ def run_command(args: argparse.Namespace) -> int:
         f"{parallel} at a time, {spec.resources.to_json()} each; store {store.root}",
         flush=True,
     )
-    candidate_results = evaluate_all(plan, store, parallel, spec.resources.cpu, args.candidates_per_process)
+    _print_unseeded(plan)
+    found: dict[tuple[int, int], dict[str, Any]] = {}
+    for iteration in range(plan.n_rounds):  # successive halving: each round's survivors from the previous results
+        indices = plan.rounds(lambda itr, index: found.get((itr, index)))[iteration]
+        if plan.n_rounds > 1:
+            print(f"round {iteration}: {len(indices)} candidates", flush=True)
+        rows = [plan.row(iteration, index) for index in indices]
+        for result in evaluate_all(plan, store, parallel, spec.resources.cpu, args.candidates_per_process, rows):
+            found[(iteration, result["index"])] = result
+    rounds = plan.rounds(lambda itr, index: found.get((itr, index)))
+    candidate_results = [found[(itr, index)] for itr, indices in enumerate(rounds) for index in indices]
     fitted = sum(1 for r in candidate_results if not r["from_store"])
+    n = len(candidate_results)
     print(f"evaluated {n} candidates: {fitted} fitted, {n - fitted} from store", flush=True)
 
-    cv_results, best_fields = plan.reduce(candidate_results)
+    cv_results, best_fields = plan.reduce(candidate_results, rounds)
     best = best_fields["best_index"]
+    winner = plan.row(best_fields.get("best_iter", 0), best_fields.get("best_candidate", best))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cv_results.json").write_text(json.dumps(results.to_json(cv_results), indent=1))
     summary: dict[str, Any] = {**best_fields, "study": spec.name, "plan_id": plan.plan_id}
     (out / "best.json").write_text(json.dumps(summary, indent=1))
-    print(
-        f"winner [{best}] {plan.candidates[best]['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}"
-    )
+    print(f"winner [{best}] {winner['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}")
 
     if not args.no_refit:
         refit = launch.worker_command(
-            "refit", plan.uri, best, out=None, memory_bytes=spec.resources.memory_bytes, model=str(out / "model.joblib")
+            "refit",
+            plan.uri,
+            winner["index"],
+            out=None,
+            memory_bytes=spec.resources.memory_bytes,
+            model=str(out / "model.joblib"),
+            round_=winner["iter"],
         )
         outcome = _run_worker(refit, spec.resources.cpu)
         summary["holdout_score"] = outcome["holdout_score"]
@@ -93,6 +117,18 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
     print(leaderboard.render(cv_results, spec.refit_metric, best_index=best), flush=True)
     return 0
+
+
+def _print_unseeded(plan: Plan) -> None:
+    """The components whose scores a fresh run may change (an unset random_state); nothing when there are none.
+
+    Plans written before this field existed lack it: nothing is printed for them.
+    """
+    entries = plan.document.get("unseeded") or []
+    if entries:
+        print(randomness.summary(entries, len(plan.candidates)))
+        for line in randomness.details(entries, len(plan.candidates)):
+            print(f"  - {line}")
 
 
 def gc_command(args: argparse.Namespace) -> int:
@@ -134,6 +170,8 @@ def render_command(args: argparse.Namespace) -> int:
             "cpu": spec.resources.cpu_text,
             "memory": spec.resources.memory_text,
             "backend": "kubernetes",
+            **({} if spec.resources.timeout is None else {"timeout": spec.resources.timeout_text}),
+            **({} if spec.resources.timeout is None else {"n_folds": plan.n_splits}),
         }
         for c in plan.candidates
     ]
@@ -146,13 +184,22 @@ def render_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_process: int = 1) -> list[dict[str, Any]]:
-    """Every candidate's result in candidate order: stored ones read, the rest run as worker processes.
+def evaluate_all(
+    plan: Plan,
+    store: Store,
+    parallel: int,
+    cpu: float,
+    per_process: int = 1,
+    rows: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Every row's result in row order (default: every candidate): stored ones read, the rest run as workers.
 
-    ``per_process`` candidates share one worker process, amortising its ~1.5 s of imports over several fits.
-    Each process runs inside the spec's CPU budget and its memory budget (``resources.memory``, all its processes).
+    ``rows`` are :meth:`Plan.row` of one round. ``per_process`` candidates share one worker process, amortising
+    its ~1.5 s of imports over several fits. Each process runs inside the spec's CPU budget and its memory budget
+    (``resources.memory``, all its processes).
     """
-    candidates = plan.candidates
+    candidates = rows if rows is not None else [plan.row(0, c["index"]) for c in plan.candidates]
+    iteration = candidates[0]["iter"] if candidates else 0
     memory = plan.spec.resources.memory_bytes
     done: dict[int, dict[str, Any]] = {}
     failures: dict[int, str] = {}
@@ -162,7 +209,7 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_proces
         if stored is None:
             pending.append(candidate)
         else:
-            done[candidate["index"]] = {**stored, "from_store": True}
+            done[candidate["index"]] = {**stored, **_row(candidate), "from_store": True}
             _progress(len(done) + len(failures), len(candidates), candidate, done[candidate["index"]])
 
     per_process = max(1, per_process)
@@ -177,7 +224,12 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_proces
                 out_path = Path(scratch) / f"{first}.json"
                 log = open(Path(scratch) / f"{first}.log", "w+b")  # noqa: SIM115 (closed below)
                 command = launch.worker_command(
-                    "evaluate", plan.uri, [c["index"] for c in chunk], out=str(out_path), memory_bytes=memory
+                    "evaluate",
+                    plan.uri,
+                    [c["index"] for c in chunk],
+                    out=str(out_path),
+                    memory_bytes=memory,
+                    round_=iteration,
                 )
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=launch.worker_env(cpu))
                 running[first] = (process, out_path, log, chunk)
@@ -198,19 +250,25 @@ def evaluate_all(plan: Plan, store: Store, parallel: int, cpu: float, per_proces
                     for candidate in chunk:
                         stored = store.get_result(candidate["key"])
                         if stored is not None:
-                            done[candidate["index"]] = {**stored, "from_store": False}
+                            done[candidate["index"]] = {**stored, **_row(candidate), "from_store": False}
                         else:
                             failures[candidate["index"]] = tail or f"worker exited with {process.returncode}"
                 for candidate in chunk:
                     index = candidate["index"]
                     _progress(len(done) + len(failures), len(candidates), candidate, done.get(index))
     if failures:
-        details = "\n".join(f"--- candidate {i} ({candidates[i]['label']}):\n{text}" for i, text in failures.items())
+        labels = {c["index"]: c["label"] for c in candidates}
+        details = "\n".join(f"--- candidate {i} ({labels[i]}):\n{text}" for i, text in failures.items())
         raise RunFailed(
             f"{len(failures)} of {len(candidates)} candidates failed; the other {len(done)} results are kept in the "
             f"store and a rerun will not fit them again.\n{details}"
         )
     return [done[candidate["index"]] for candidate in candidates]
+
+
+def _row(candidate: dict[str, Any]) -> dict[str, Any]:
+    """The fields that name a row: a stored result may come from an equal candidate elsewhere in the grid."""
+    return {name: candidate[name] for name in ("index", "iter", "label", "params")}
 
 
 def _progress(count: int, total: int, candidate: dict[str, Any], result: dict[str, Any] | None) -> None:

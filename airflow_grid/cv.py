@@ -46,6 +46,8 @@ def evaluate(
     return_train_score: bool,
     cpu: float,
     fit_params: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    timeout_text: str | None = None,
 ) -> dict[str, Any]:
     """Fit and score ``estimator`` (params already set) on every fold; failures become data per error_score.
 
@@ -53,9 +55,15 @@ def evaluate(
     ``n_failed_fits`` and ``error`` (sklearn's failure summary, or None). With ``error_score="raise"`` the fit
     error propagates, as in GridSearchCV. ``fit_params`` (full-length arrays, as given to ``GridSearchCV.fit``)
     are sliced to each fold's train indices by ``cross_validate`` exactly as GridSearchCV slices them.
+
+    With ``timeout`` (seconds, ``resources.timeout``) each fold runs in a child process that is killed when its
+    fit runs longer, and the fold is recorded as a failed fit (see :mod:`airflow_grid.timeouts`); without it the
+    folds run in this process and loky workers, as GridSearchCV runs them.
     """
     from sklearn.model_selection import cross_validate
     from threadpoolctl import threadpool_limits
+
+    from airflow_grid import timeouts
 
     n_jobs, threads = budget(cpu, len(folds))
     os.environ.update(thread_env(threads))  # loky workers inherit it
@@ -64,17 +72,34 @@ def evaluate(
     with threadpool_limits(limits=threads), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            scores = cross_validate(
-                estimator,
-                X,
-                y,
-                cv=folds,
-                scoring=scoring,
-                n_jobs=n_jobs,
-                error_score=error_score,
-                return_train_score=return_train_score,
-                params=fit_params or None,
-            )
+            if timeout is None:
+                scores = cross_validate(
+                    estimator,
+                    X,
+                    y,
+                    cv=folds,
+                    scoring=scoring,
+                    n_jobs=n_jobs,
+                    error_score=error_score,
+                    return_train_score=return_train_score,
+                    params=fit_params or None,
+                )
+            else:
+                scores = timeouts.cross_validate_folds(
+                    estimator,
+                    X,
+                    y,
+                    folds,
+                    scoring=scoring,
+                    metric_names=metric_names,
+                    error_score=error_score,
+                    return_train_score=return_train_score,
+                    params=fit_params or None,
+                    n_jobs=n_jobs,
+                    threads=threads,
+                    timeout=timeout,
+                    timeout_text=timeout_text or f"{timeout:g}s",
+                )
         except ValueError as failure:
             original = _renamed_from(failure) if error_score == "raise" else None
             if original is not None:
@@ -83,7 +108,10 @@ def evaluate(
                 raise
             # Every fold failed: cross_validate raises where GridSearchCV records error_score and moves on.
             error = str(failure).strip()
-            scores = _all_failed_scores(len(folds), metric_names, error_score, return_train_score, started)
+            if isinstance(failure, timeouts.AllFoldsFailed):  # each fold's own time (a timed-out one: until killed)
+                scores = failure.scores
+            else:
+                scores = _all_failed_scores(len(folds), metric_names, error_score, return_train_score, started)
     n_failed = len(folds) if error else 0
     for warning in caught:
         match = _FAILED_COUNT.search(str(warning.message))

@@ -298,12 +298,17 @@ def read_table(path: str, mmap: bool = True) -> Table:
 Folds: TypeAlias = list[tuple[np.ndarray, np.ndarray]]
 
 
+def checked_cv(spec: SearchSpec, estimator: Any, y: Target) -> Any:
+    """The splitter GridSearchCV splits with: ``check_cv(cv, y, classifier=is_classifier(estimator))``."""
+    cv_value = spec.cv if isinstance(spec.cv, int) else build(spec.cv, "cv", spec.policy)
+    return check_cv(cv_value, y, classifier=is_classifier(estimator))
+
+
 def make_folds(spec: SearchSpec, estimator: Any, X: Table, y: Target, groups: np.ndarray | None = None) -> Folds:
     """The (train, test) indices GridSearchCV would use: ``check_cv(cv, y, classifier=is_classifier(est))``,
     split as ``GridSearchCV.fit(X, y, groups=groups)`` splits (``splitter.split(X, y, groups)``)."""
-    cv_value = spec.cv if isinstance(spec.cv, int) else build(spec.cv, "cv", spec.policy)
     try:
-        splitter = check_cv(cv_value, y, classifier=is_classifier(estimator))
+        splitter = checked_cv(spec, estimator, y)
         folds = [(np.asarray(train), np.asarray(test)) for train, test in splitter.split(X, y, groups)]
     except Exception as error:  # a splitter refusing this data (too few rows per class, missing groups, ...)
         fix = "lower the number of folds."

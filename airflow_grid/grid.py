@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import ParameterGrid, ParameterSampler
 
 from airflow_grid import versions as library_versions
-from airflow_grid.spec import TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
+from airflow_grid.spec import SAMPLED_STRATEGIES, TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
 
 
 @dataclass(frozen=True)
@@ -35,11 +35,11 @@ class Candidate:
         return {"index": self.index, "params": self.params, "label": self.label}
 
 
-def expand(spec: SearchSpec) -> list[Candidate]:
-    """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order); for the random
-    strategy, ParameterSampler's candidates in its order."""
-    if spec.strategy == "random":
-        sampled = sample(spec)
+def expand(spec: SearchSpec, n_sampled: int | None = None) -> list[Candidate]:
+    """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order); for the sampled
+    strategies, ParameterSampler's candidates in its order (``n_sampled`` of them when the data decided it)."""
+    if spec.strategy in SAMPLED_STRATEGIES:
+        sampled = sample(spec, n_sampled)
         return [Candidate(index=i, params=params, label=candidate_label(params)) for i, params in enumerate(sampled)]
     try:
         grid = ParameterGrid(spec.param_grid)
@@ -149,21 +149,30 @@ def _estimators(root: Any) -> list[Any]:
     return found
 
 
-def count_candidates(spec: SearchSpec) -> int:
+def count_candidates(spec: SearchSpec) -> int | None:
     """How many candidates the grid holds, by arithmetic: nothing is expanded or built.
 
     Random: ``n_iter``, or the grid size when every value is a list and the grid is smaller (ParameterSampler then
-    samples without replacement and yields ``min(n_iter, grid size)``).
+    samples without replacement and yields ``min(n_iter, grid size)``); halving_random: ``n_candidates`` likewise,
+    or None with ``n_candidates: exhaust`` (the data decides: see :func:`airflow_grid.halving.first_round_size`).
     """
-    if spec.strategy == "random":
-        n_iter = int(spec.search["n_iter"])
+    if spec.strategy in SAMPLED_STRATEGIES:
+        n_iter = _n_sampled(spec)
+        if n_iter is None:
+            return None
         if any(is_object_spec(v) for mapping in spec.param_distributions for v in mapping.values()):
             return n_iter
         return min(n_iter, sum(math.prod(len(v) for v in mapping.values()) for mapping in spec.param_distributions))
     return sum(math.prod(len(values) for values in mapping.values()) for mapping in spec.param_grid)
 
 
-def sample(spec: SearchSpec) -> list[dict[str, Any]]:
+def _n_sampled(spec: SearchSpec) -> int | None:
+    """How many candidates the sampler draws: ``n_iter`` (random) or ``n_candidates`` (halving_random)."""
+    value = spec.search["n_iter" if spec.strategy == "random" else "n_candidates"]
+    return None if value == "exhaust" else int(value)
+
+
+def sample(spec: SearchSpec, n_sampled: int | None = None) -> list[dict[str, Any]]:
     """Exactly ``ParameterSampler(param_distributions, n_iter, random_state=...)``'s candidates, in its order.
 
     Distributions are built (through the policy); lists stay JSON values, so object specs in them stay mappings as
@@ -176,7 +185,8 @@ def sample(spec: SearchSpec) -> list[dict[str, Any]]:
         }
         for index, mapping in enumerate(spec.param_distributions)
     ]
-    sampler = ParameterSampler(distributions, int(spec.search["n_iter"]), random_state=spec.search["random_state"])
+    n_iter = n_sampled if n_sampled is not None else _n_sampled(spec)
+    sampler = ParameterSampler(distributions, int(n_iter or 0), random_state=spec.search["random_state"])
     with warnings.catch_warnings():  # "smaller than n_iter": counted and reported by the budget guard already
         warnings.simplefilter("ignore", UserWarning)
         return [{name: _plain(value) for name, value in params.items()} for params in sampler]
@@ -206,7 +216,7 @@ def min_splits(spec: SearchSpec) -> int:
 
 def _grid_path(spec: SearchSpec, index: int, params: Mapping[str, Any] | None = None) -> str:
     """``param_grid[i]`` for the mapping candidate ``index`` comes from (ParameterGrid walks them in order)."""
-    if spec.strategy == "random":  # sampled: the first mapping with the candidate's parameter names
+    if spec.strategy in SAMPLED_STRATEGIES:  # sampled: the first mapping with the candidate's parameter names
         names = set(params or ())
         position = next((i for i, m in enumerate(spec.param_distributions) if set(m) == names), 0)
         return _mapping_path(spec, position)
@@ -229,16 +239,20 @@ def count_fits(n_candidates: int, n_splits: int) -> int:
     return n_candidates * n_splits
 
 
-def check_budget(spec: SearchSpec, n_candidates: int, n_splits: int) -> int:
-    """The budget guard: refuse a grid whose fit count exceeds limits.max_fits, with the count."""
+def check_budget(spec: SearchSpec, n_candidates: int, n_splits: int, rounds: int = 1) -> int:
+    """The budget guard: refuse a grid whose fit count exceeds limits.max_fits, with the count.
+
+    ``n_candidates`` counts cv_results_ rows: with successive halving, every round's candidates.
+    """
     n_fits = count_fits(n_candidates, n_splits)
     if n_fits > spec.max_fits:
+        shrink = {"random": "lower search.n_iter", "halving_random": "lower search.n_candidates"}
+        counted = f"{n_candidates:,} candidates" if rounds == 1 else f"{n_candidates:,} candidates over {rounds} rounds"
         raise SpecError(
             "limits.max_fits",
-            f"the grid has {n_candidates:,} candidates x {n_splits} folds = {n_fits:,} fits, more than "
-            f"max_fits={spec.max_fits:,}.",
-            f"{'lower search.n_iter' if spec.strategy == 'random' else 'shrink param_grid'} or cv, or raise "
-            "limits.max_fits if the cluster can afford it.",
+            f"the grid has {counted} x {n_splits} folds = {n_fits:,} fits, more than max_fits={spec.max_fits:,}.",
+            f"{shrink.get(spec.strategy, 'shrink param_grid')} or cv, or raise limits.max_fits if the cluster can "
+            "afford it.",
         )
     return n_fits
 
@@ -254,10 +268,13 @@ def candidate_key(
     """Content hash of everything that decides a candidate's scores; equal keys mean reusable results.
 
     ``versions`` (:func:`airflow_grid.versions.runtime_versions`) and the result format are in it, so a library
-    upgrade or a new result layout never serves an old result.
+    upgrade or a new result layout never serves an old result. ``resources.timeout`` can turn a score into
+    error_score, so it is in the key, but only when set: keys of specs without a timeout are unchanged.
     """
+    timeout = {} if spec.resources.timeout is None else {"timeout_s": repr(spec.resources.timeout)}
     return content_hash(
         {
+            **timeout,
             "estimator": spec.estimator,
             "params": params,
             "folds": folds_hash,

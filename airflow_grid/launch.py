@@ -30,8 +30,12 @@ def worker_arguments(
     out: str | None,
     memory_bytes: int | None,
     model: str | None = None,
+    round_: int = 0,
 ) -> list[str]:
-    """The worker's arguments (no interpreter): what a pod puts in ``args`` and a local path after ``-m``."""
+    """The worker's arguments (no interpreter): what a pod puts in ``args`` and a local path after ``-m``.
+
+    ``round_`` is the successive-halving round of the candidates (omitted when 0, the only round of the others).
+    """
     indices = [candidates] if isinstance(candidates, int) else list(candidates)
     if not indices:
         raise ValueError(f"worker {action}: no candidate index given.")
@@ -40,6 +44,8 @@ def worker_arguments(
     arguments: list[str] = [action, "--plan", plan_uri]
     for index in indices:
         arguments += ["--candidate", str(int(index))]
+    if round_:
+        arguments += ["--round", str(int(round_))]
     if model is not None:
         arguments += ["--model", model]
     if out is not None:
@@ -58,9 +64,12 @@ def worker_command(
     memory_bytes: int,
     python: str | None = None,
     model: str | None = None,
+    round_: int = 0,
 ) -> list[str]:
     """The full command of a local worker process; the memory budget is always passed."""
-    arguments = worker_arguments(action, plan_uri, candidates, out=out, memory_bytes=memory_bytes, model=model)
+    arguments = worker_arguments(
+        action, plan_uri, candidates, out=out, memory_bytes=memory_bytes, model=model, round_=round_
+    )
     return [python or sys.executable, "-m", WORKER_MODULE, *arguments]
 
 

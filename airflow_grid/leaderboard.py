@@ -26,16 +26,19 @@ def render(
     """The ``top`` best candidates: rank, mean ± std per test metric (refit metric first), mean fit time, params.
 
     ``best_index`` marks the winner with ``*`` (a refit rule such as one-standard-error may pick one below rank 1).
+    Successive-halving results get a round column: the round and its resource (rows or an estimator parameter).
     """
     metrics = _metrics(cv_results, refit_metric)
     ranks = _numbers(cv_results[f"rank_test_{metrics[0]}"])
     order = sorted(range(len(ranks)), key=lambda i: (ranks[i], i))[: max(0, top)]
-    header = ["rank", *metrics, "fit time", "params"]
+    rounds = "iter" in cv_results  # successive halving: which round, on how much resource
+    header = ["rank", *metrics, "fit time", *(["round (resource)"] if rounds else []), "params"]
     rows = [
         [
             f"{'*' if i == best_index else ''}{int(ranks[i])}",
             *(_mean_std(cv_results, metric, i) for metric in metrics),
             _seconds(_numbers(cv_results["mean_fit_time"])[i]),
+            *([f"{int(cv_results['iter'][i])} ({int(cv_results['n_resources'][i])})"] if rounds else []),
             candidate_label(dict(cv_results["params"][i])),
         ]
         for i in order

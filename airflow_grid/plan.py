@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
-from airflow_grid import data, grid, versions
+from airflow_grid import data, grid, halving, randomness, versions
 from airflow_grid.policy import Policy
 from airflow_grid.spec import SearchSpec, content_hash, parse_spec
 from airflow_grid.store import Store, bytes_check
@@ -37,7 +38,7 @@ class Plan:
     def n_splits(self) -> int:
         return int(self.document["n_splits"])
 
-    @property
+    @cached_property
     def spec(self) -> SearchSpec:
         stored = self.document.get("policy")
         if stored:  # the policy the planner validated with: a pod's environment may not carry the deployment's
@@ -52,20 +53,90 @@ class Plan:
         relative = self.document["files"].get(name)
         return None if relative is None else str(relative)
 
-    def reduce(self, ordered_results: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """cv_results_ and the best_* fields, from the candidates' results in candidate order."""
+    @property
+    def n_rounds(self) -> int:
+        """How many rounds (waves of evaluate tasks) the search needs: 1, or successive halving's n_iterations."""
+        halving_schedule = self.document.get("halving")
+        return int(halving_schedule["n_iterations"]) if halving_schedule else 1
+
+    def row(self, iteration: int, index: int) -> dict[str, Any]:
+        """One cv_results_ row to evaluate: candidate ``index`` in round ``iteration``, with its key and folds.
+
+        A grid or random search has one round and its rows are the candidates. A halving round sets the resource
+        (an estimator parameter into the params; ``n_samples`` through the round's sub-sampled folds), so its key
+        is computed here from the same parts as at plan time.
+        """
+        candidate = self.document["candidates"][index]
+        schedule = self.document.get("halving")
+        if not schedule:
+            if iteration != 0:
+                raise ValueError(f"plan {self.plan_id} has one round; got round {iteration}.")
+            return {**candidate, "iter": 0, "folds": "folds"}
+        round_ = schedule["rounds"][iteration]
+        params = halving.round_params(candidate["params"], schedule["resource"], round_["n_resources"])
+        document = self.document
+        key = grid.candidate_key(
+            self.spec,
+            params,
+            round_["folds_hash"],
+            document["data_fingerprint"],
+            document["versions"],
+            document["result_format"],
+        )
+        label = f"{candidate['label']} [round {iteration}, {schedule['resource']}={round_['n_resources']}]"
+        return {
+            "index": index,
+            "iter": iteration,
+            "params": params,
+            "label": label,
+            "key": key,
+            "folds": round_["folds"],
+            "n_resources": round_["n_resources"],
+        }
+
+    def rounds(self, lookup: halving.Lookup) -> list[list[int]]:
+        """Each round's candidate indices in cv_results_ order, as far as ``lookup(iter, index)`` has results."""
+        if not self.document.get("halving"):
+            return [list(range(len(self.document["candidates"])))]
+        return halving.replay(self.document, self.n_splits, lookup)
+
+    def reduce(
+        self, ordered_results: list[dict[str, Any]], rounds: list[list[int]] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """cv_results_ and the best_* fields from the rows' results in cv_results_ order (``rounds`` for halving)."""
         from airflow_grid import results  # numpy/scipy reduction: not needed by the worker, which imports Plan
 
         spec = self.spec
-        return results.reduce(
-            [c["params"] for c in self.candidates],
-            ordered_results,
-            n_splits=self.n_splits,
-            metric_names=spec.metric_names,
-            return_train_score=spec.return_train_score,
-            refit_metric=spec.refit_metric,
-            refit_rule=spec.refit_rule,
+        common: dict[str, Any] = {
+            "n_splits": self.n_splits,
+            "metric_names": spec.metric_names,
+            "return_train_score": spec.return_train_score,
+            "refit_metric": spec.refit_metric,
+        }
+        if not self.document.get("halving"):
+            params = [c["params"] for c in self.candidates]
+            return results.reduce(params, ordered_results, refit_rule=spec.refit_rule, **common)
+        if rounds is None or len(rounds) != self.n_rounds:
+            raise ValueError(f"a halving study reduces after its {self.n_rounds} rounds, got {len(rounds or [])}.")
+        rows = [self.row(itr, index) for itr, indices in enumerate(rounds) for index in indices]
+        more = {"iter": [r["iter"] for r in rows], "n_resources": [r["n_resources"] for r in rows]}
+        cv_results, best = results.reduce(
+            [r["params"] for r in rows], ordered_results, more_results=more, best_of=halving.best_row, **common
         )
+        last = len(ordered_results) - len(rounds[-1])
+        winner = rows[best["best_index"]]
+        best.update(
+            best_candidate=winner["index"],
+            best_iter=winner["iter"],
+            halving={
+                **self.document["halving"],
+                "n_candidates_": [len(indices) for indices in rounds],
+                "n_remaining_candidates_": halving.remaining(
+                    self.document, rounds[-1], ordered_results[last:], self.n_splits
+                ),
+            },
+        )
+        return cv_results, best
 
 
 def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = ()) -> Plan:
@@ -74,13 +145,27 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
     A plan already in the store is reused only if plan.json parses and every snapshot file matches its recorded
     size and sha256; otherwise the files are rewritten (plan.json last), so a damaged snapshot heals on re-plan.
     """
-    grid.check_budget(spec, grid.count_candidates(spec), grid.min_splits(spec))  # counted, before expanding
-    candidates = grid.expand(spec)
-    grid.check_candidates(spec, candidates)
+    counted = grid.count_candidates(spec)  # None: decided by the data (halving_random, n_candidates: exhaust)
+    if counted is not None:
+        grid.check_budget(spec, counted, grid.min_splits(spec))  # counted, before expanding
+        candidates = grid.expand(spec)
+        grid.check_candidates(spec, candidates)
     estimator = grid.build_estimator(spec)
     dataset = data.load(spec, estimator)
     folds = data.make_folds(spec, estimator, dataset.X, dataset.y, dataset.groups)
-    n_fits = grid.check_budget(spec, len(candidates), len(folds))
+    schedule = None
+    if halving.is_halving(spec):
+        halving.check_resource(spec, estimator, [])  # before scikit-learn's own check, which names no field
+        bounds = halving.resource_bounds(spec, estimator, dataset.X, dataset.y, dataset.groups)
+        if counted is None:
+            counted = halving.first_round_size(spec, *bounds) or 0
+            grid.check_budget(spec, counted, len(folds))
+            candidates = grid.expand(spec, n_sampled=counted)
+            grid.check_candidates(spec, candidates)
+        halving.check_resource(spec, estimator, [c.params for c in candidates])
+        schedule = halving.schedule(spec, len(candidates), *bounds)
+    rows = sum(schedule.n_candidates_per_round) if schedule else len(candidates)
+    n_fits = grid.check_budget(spec, rows, len(folds), rounds=schedule.n_iterations if schedule else 1)
 
     # Every prefix the spec was validated with, $AIRFLOW_GRID_ALLOWED_TARGETS included: a pod may not carry it.
     allowed = list(dict.fromkeys([*spec.allowed, *extra_allowed]))
@@ -98,8 +183,10 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
         return load_plan(store.url(directory))
 
     document, payloads = _document(spec, candidates, dataset, folds, directory, identity)
+    if schedule is not None:
+        _add_rounds(document, payloads, spec, schedule, dataset, folds, directory)
     document.update(plan_id=plan_id, n_fits=n_fits, extra_allowed=allowed, policy=spec.policy.to_json())
-    for relative, payload in payloads:
+    for relative, payload in payloads.values():
         store.write_bytes(relative, payload)
     store.write_json(f"{directory}/{PLAN_FILE}", document)  # last: its presence means the plan is whole
     return load_plan(store.url(directory))
@@ -112,7 +199,7 @@ def _document(
     folds: data.Folds,
     directory: str,
     identity: dict[str, Any],
-) -> tuple[dict[str, Any], list[tuple[str, bytes]]]:
+) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
     """plan.json's content (less plan_id, n_fits, extra_allowed) and its snapshot files as (path, bytes)."""
     data_fingerprint, folds_hash, library_versions = identity["data"], identity["folds"], identity["versions"]
     parts = {"X": dataset.X, "y": dataset.y, "X_holdout": dataset.X_holdout, "y_holdout": dataset.y_holdout}
@@ -141,6 +228,7 @@ def _document(
         "result_format": identity["result_format"],
         "sklearn_version": library_versions["scikit-learn"],  # kept for readers of the previous layout
         "resources": spec.resources.to_json(),
+        "unseeded": randomness.unseeded(spec, candidates),  # what a fresh run may score differently; not in plan_id
         "candidates": [
             {
                 **candidate.to_json(),
@@ -154,7 +242,34 @@ def _document(
         },
         "file_checks": {name: bytes_check(payload) for name, (_, payload) in payloads.items()},
     }
-    return document, list(payloads.values())
+    return document, payloads
+
+
+def _add_rounds(
+    document: dict[str, Any],
+    payloads: dict[str, tuple[str, bytes]],
+    spec: SearchSpec,
+    schedule: halving.Schedule,
+    dataset: data.Dataset,
+    folds: data.Folds,
+    directory: str,
+) -> None:
+    """Successive halving's schedule and each round's folds (sub-sampled with ``resource: n_samples``)."""
+    rounds = []
+    for itr, n_resources in enumerate(schedule.n_resources):
+        name, folds_hash = "folds", document["folds_hash"]
+        if schedule.resource == halving.N_SAMPLES:
+            subsampled = halving.round_folds(folds, len(dataset.y), n_resources, spec.search["random_state"])
+            name, folds_hash = f"folds_round{itr}", data.folds_hash(subsampled)
+            payloads[name] = (f"{directory}/{name}.npz", data.folds_bytes(subsampled))
+            document["files"][name] = payloads[name][0]
+            document["file_checks"][name] = bytes_check(payloads[name][1])
+        rounds.append({"iter": itr, "n_resources": n_resources, "folds": name, "folds_hash": folds_hash})
+    document["halving"] = {**schedule.to_json(), "rounds": rounds}
+    fingerprint, library_versions = document["data_fingerprint"], document["versions"]
+    for candidate in document["candidates"]:  # a candidate's key is its first round's
+        first = halving.round_params(candidate["params"], schedule.resource, rounds[0]["n_resources"])
+        candidate["key"] = grid.candidate_key(spec, first, rounds[0]["folds_hash"], fingerprint, library_versions)
 
 
 def verify_plan(store: Store, plan_id: str) -> dict[str, Any] | None:
@@ -183,3 +298,32 @@ def load_plan(uri: str) -> Plan:
     if not isinstance(document, dict):
         raise ValueError(f"{uri}/{PLAN_FILE} holds a {type(document).__name__}, not a plan object")
     return Plan(uri=uri, document=document)
+
+
+def work_items(plan: Plan, iteration: int, indices: list[int], max_parallel: int | None = None) -> list[dict[str, Any]]:
+    """The mapped evaluate items of one round: ``{"plan_uri", "indices", "label", "cpu", "memory", "backend"}``
+    (and ``"round"`` after the first; ``"timeout"`` and ``"n_folds"`` with a ``resources.timeout``), one candidate
+    per item, or dealt into at most ``max_parallel`` items."""
+    spec = plan.spec
+    items = []
+    for group in deal(indices, max_parallel):
+        item: dict[str, Any] = {
+            "plan_uri": plan.uri,
+            "indices": group,
+            "label": " | ".join(plan.row(iteration, index)["label"] for index in group),
+            **spec.resources.to_json(),
+            "backend": spec.backend,
+        }
+        if iteration:
+            item["round"] = iteration
+        if spec.resources.timeout is not None:  # with "timeout": the task's deadline (timeouts.task_deadline)
+            item["n_folds"] = plan.n_splits
+        items.append(item)
+    return items
+
+
+def deal(indices: list[int], max_parallel: int | None) -> list[list[int]]:
+    """One candidate per group, or dealt round-robin into ``max_parallel`` groups (so costly neighbours spread)."""
+    if not max_parallel or max_parallel >= len(indices):
+        return [[index] for index in indices]
+    return [indices[start::max_parallel] for start in range(max_parallel)]

@@ -28,10 +28,15 @@ def assemble(
     n_splits: int,
     metric_names: list[str],
     return_train_score: bool,
+    more_results: dict[str, list[Any]] | None = None,
 ) -> dict[str, Any]:
-    """cv_results_ with sklearn's keys, key order and values (numpy arrays; params as given)."""
+    """cv_results_ with sklearn's keys, key order and values (numpy arrays; params as given).
+
+    ``more_results`` (successive halving's ``iter`` and ``n_resources``) come first, as arrays, as
+    ``BaseSearchCV._format_results`` puts them.
+    """
     n_candidates = len(candidate_params)
-    cv_results: dict[str, Any] = {}
+    cv_results: dict[str, Any] = {key: np.asarray(values) for key, values in (more_results or {}).items()}
 
     def store(key: str, rows: list[list[float]], splits: bool = False, rank: bool = False) -> None:
         array = np.array(rows, dtype=np.float64).reshape(n_candidates, n_splits)
@@ -154,18 +159,26 @@ def reduce(
     return_train_score: bool,
     refit_metric: str,
     refit_rule: dict[str, Any] | None = None,
+    more_results: dict[str, list[Any]] | None = None,
+    best_of: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The whole reduce step: (cv_results_, best) where best is the ``best.json`` contract's fields.
 
     With a refit rule, best is the rule's choice (as GridSearchCV with the equivalent ``refit`` callable), its
     ``best_score`` that candidate's mean, and ``refit_rule`` records the rule. Raises :class:`AllFitsFailedError`
-    when every fit failed, as GridSearchCV does.
+    when every fit failed, as GridSearchCV does. ``best_of(cv_results) -> index`` replaces the choice of winner
+    (successive halving: the best of the last round).
     """
     n_failed = check_failures(results, n_splits)
     cv_results = assemble(
-        candidate_params, results, n_splits=n_splits, metric_names=metric_names, return_train_score=return_train_score
+        candidate_params,
+        results,
+        n_splits=n_splits,
+        metric_names=metric_names,
+        return_train_score=return_train_score,
+        more_results=more_results,
     )
-    winner = select_best(cv_results, refit_metric, refit_rule)
+    winner = best_of(cv_results) if best_of is not None else select_best(cv_results, refit_metric, refit_rule)
     best = {
         "best_index": winner,
         "best_score": float(cv_results[f"mean_test_{refit_metric}"][winner]),

@@ -45,6 +45,8 @@ __all__ = [
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h)$")
+_DURATION_FACTORS = {"s": 1, "m": 60, "h": 3600}
 _MEMORY_FACTORS = {
     None: 1,
     "k": 10**3,
@@ -109,6 +111,18 @@ def parse_memory(value: Any, path: str) -> int:
     return int(amount)
 
 
+def parse_timeout(value: Any, path: str) -> float:
+    """A duration in seconds: ``<number><s|m|h>`` (``90s``, ``10m``, ``1.5h``) or a positive number of seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value) if isinstance(value, str) else None
+        seconds = float(match.group(1)) * _DURATION_FACTORS[match.group(2)] if match else math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SpecError(path, f"got {_show(value)}.", "give a duration such as 10m or 90s.")
+    return seconds
+
+
 @dataclass(frozen=True)
 class Resources:
     """Per-candidate budget. ``n_jobs`` inside a candidate is derived from ``cpu``; never -1."""
@@ -117,13 +131,19 @@ class Resources:
     memory_bytes: int = 2 * 2**30
     cpu_text: str = "1"
     memory_text: str = "2Gi"
+    timeout: float | None = None  # seconds a fold's fit may run (resources.timeout); None: no limit
+    timeout_text: str | None = None
 
     @property
     def n_jobs(self) -> int:
         return max(1, math.floor(self.cpu))
 
     def to_json(self) -> dict[str, str]:
-        return {"cpu": self.cpu_text, "memory": self.memory_text}
+        """The spec's own spelling; ``timeout`` only when set, so plans of specs without one are unchanged."""
+        shown = {"cpu": self.cpu_text, "memory": self.memory_text}
+        if self.timeout_text is not None:
+            shown["timeout"] = self.timeout_text
+        return shown
 
 
 def parse_resources(value: Any) -> Resources:
@@ -131,20 +151,30 @@ def parse_resources(value: Any) -> Resources:
         return Resources()
     if not isinstance(value, Mapping):
         raise SpecError("resources", f"got {_show(value)}.", "write resources: {cpu: 1, memory: 2Gi}.")
-    unknown = set(value) - {"cpu", "memory"}
+    unknown = set(value) - {"cpu", "memory", "timeout"}
     if unknown:
         field = sorted(unknown)[0]
         raise SpecError(
-            f"resources.{field}", f"unknown field (value {_show(value[field])}).", "resources takes cpu and memory."
+            f"resources.{field}",
+            f"unknown field (value {_show(value[field])}).",
+            "resources takes cpu, memory and timeout.",
         )
     cpu_value = value.get("cpu", 1)
     memory_value = value.get("memory", "2Gi")
+    timeout_value = value.get("timeout")
     return Resources(
         cpu=parse_cpu(cpu_value, "resources.cpu"),
         memory_bytes=parse_memory(memory_value, "resources.memory"),
         cpu_text=str(cpu_value),
         memory_text=str(memory_value),
+        timeout=None if timeout_value is None else parse_timeout(timeout_value, "resources.timeout"),
+        timeout_text=None if timeout_value is None else duration_text(timeout_value),
     )
+
+
+def duration_text(value: Any) -> str:
+    """A valid ``resources.timeout`` as written (``10m``), a bare number of seconds with its unit (``90s``)."""
+    return value if isinstance(value, str) else f"{float(value):g}s"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,21 +361,26 @@ def parse_spec(
     search = _parse_search(raw.get("search"))
     param_grid: list[dict[str, list[Any]]] = []
     param_distributions: list[dict[str, Any]] = []
-    if search["strategy"] == "random":
-        _refuse_space("param_grid", raw, "random")
+    if search["strategy"] in SAMPLED_STRATEGIES:
+        _refuse_space("param_grid", raw, search["strategy"])
         raw.pop("param_grid", None)  # absent or null
         param_distributions = _parse_param_distributions(raw.get("param_distributions"), allowed)
         raw.update(search=search, param_distributions=param_distributions)
     else:
-        _refuse_space("param_distributions", raw, "grid")
+        _refuse_space("param_distributions", raw, search["strategy"])
         raw.pop("param_distributions", None)
         param_grid = _parse_param_grid(raw.get("param_grid"), allowed)
         raw["param_grid"] = param_grid
+        if search["strategy"] != "grid":  # with its defaults filled in, so equal searches fingerprint equally
+            raw["search"] = search
     cv = _parse_cv(raw.get("cv", 5), allowed)
     scoring = _parse_scoring(raw.get("scoring"), allowed)
     refit = _parse_refit(raw.get("refit"), scoring, _grid_values(param_grid, raw.get("param_distributions")))
     error_score = _parse_error_score(raw.get("error_score", math.nan))
-    return_train_score = raw.get("return_train_score", False)
+    if search["strategy"] in HALVING_STRATEGIES:
+        _check_halving_metric(scoring, raw.get("refit"))
+    # The class's own default: Halving*SearchCV return train scores unless told not to; the others do not.
+    return_train_score = raw.get("return_train_score", search["strategy"] in HALVING_STRATEGIES)
     if not isinstance(return_train_score, bool):
         raise SpecError("return_train_score", f"got {_show(return_train_score)}.", "write true or false.")
     holdout = _parse_holdout(raw.get("holdout"))
@@ -495,7 +530,35 @@ def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]
     return checked
 
 
-SEARCH_STRATEGIES = {"grid": {}, "random": {"n_iter": 10, "random_state": None}}  # the class's kwargs, defaults
+SEARCH_STRATEGIES: dict[str, dict[str, Any]] = {  # each scikit-learn class's own keyword arguments, its defaults
+    "grid": {},
+    "random": {"n_iter": 10, "random_state": None},
+    "halving_grid": {
+        "factor": 3,
+        "resource": "n_samples",
+        "max_resources": "auto",
+        "min_resources": "exhaust",
+        "aggressive_elimination": False,
+        "random_state": None,
+    },
+    "halving_random": {
+        "n_candidates": "exhaust",
+        "factor": 3,
+        "resource": "n_samples",
+        "max_resources": "auto",
+        "min_resources": "smallest",
+        "aggressive_elimination": False,
+        "random_state": None,
+    },
+}
+SEARCH_CLASSES = {
+    "grid": "GridSearchCV",
+    "random": "RandomizedSearchCV",
+    "halving_grid": "HalvingGridSearchCV",
+    "halving_random": "HalvingRandomSearchCV",
+}
+SAMPLED_STRATEGIES = ("random", "halving_random")  # search param_distributions; the others param_grid
+HALVING_STRATEGIES = ("halving_grid", "halving_random")
 _SEARCH_EXAMPLE = "search: {strategy: random, n_iter: 20, random_state: 0}"
 _MAX_SEED = 2**32 - 1  # numpy's RandomState(seed) range
 
@@ -508,10 +571,9 @@ def _parse_search(value: Any) -> dict[str, Any]:
         raise SpecError("search", f"got {_show(value)}.", f"write {_SEARCH_EXAMPLE}, or omit search for a grid.")
     strategy = value.get("strategy", "grid")
     if strategy not in SEARCH_STRATEGIES:
+        classes = ", ".join(f"{name}: {cls}" for name, cls in SEARCH_CLASSES.items())
         raise SpecError(
-            "search.strategy",
-            f"got {_show(strategy)}.",
-            f"write one of {', '.join(SEARCH_STRATEGIES)} (grid: GridSearchCV, random: RandomizedSearchCV).",
+            "search.strategy", f"got {_show(strategy)}.", f"write one of {', '.join(SEARCH_STRATEGIES)} ({classes})."
         )
     defaults = SEARCH_STRATEGIES[strategy]
     unknown = sorted(set(value) - {"strategy", *defaults})
@@ -520,24 +582,96 @@ def _parse_search(value: Any) -> dict[str, Any]:
         raise SpecError(
             f"search.{unknown[0]}",
             f"unknown key for strategy {strategy} (value {_show(value[unknown[0]])}).",
-            f"search with strategy {strategy} {takes}.",
+            f"search with strategy {strategy} ({SEARCH_CLASSES[strategy]}) {takes}.",
         )
     search = {"strategy": strategy, **defaults, **{k: v for k, v in value.items() if k != "strategy"}}
     if strategy == "random":
-        n_iter = search["n_iter"]
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-            raise SpecError("search.n_iter", f"got {_show(n_iter)}.", "give a positive integer, e.g. n_iter: 20.")
-        seed = search["random_state"]
-        if seed is None:
-            raise SpecError(
-                "search.random_state",
-                "is missing; without it every process would sample other candidates, so the plan could not be "
-                "reproduced (scikit-learn allows None; a study here may not).",
-                f"give an integer seed, e.g. {_SEARCH_EXAMPLE}.",
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-            raise SpecError("search.random_state", f"got {_show(seed)}.", f"give an integer in [0, {_MAX_SEED}].")
+        _positive_int(search, "n_iter", "n_iter: 20")
+    if strategy in HALVING_STRATEGIES:
+        _check_halving(search)
+    if "random_state" in search:
+        _check_seed(search)
     return search
+
+
+def _positive_int(search: Mapping[str, Any], key: str, example: str, *alternatives: str) -> None:
+    value = search[key]
+    if value in alternatives and isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        options = "".join(f" or {alternative!r}" for alternative in alternatives)
+        raise SpecError(f"search.{key}", f"got {_show(value)}.", f"give a positive integer{options}, e.g. {example}.")
+
+
+def _check_halving(search: dict[str, Any]) -> None:
+    """The successive-halving keywords, with scikit-learn's own constraints (factor must also exceed 1 here)."""
+    factor = search["factor"]
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor) or factor <= 1:
+        raise SpecError(
+            "search.factor",
+            f"got {_show(factor)}; each round keeps 1/factor of the candidates, so it must be a number above 1.",
+            "give e.g. factor: 3 (scikit-learn's default) or 2.",
+        )
+    resource = search["resource"]
+    if not isinstance(resource, str) or not resource:
+        raise SpecError(
+            "search.resource",
+            f"got {_show(resource)}.",
+            "write n_samples, or an estimator parameter such as clf__n_estimators.",
+        )
+    _positive_int(search, "max_resources", "max_resources: 1000", "auto")
+    _positive_int(search, "min_resources", "min_resources: 20", "exhaust", "smallest")
+    if "n_candidates" in search:
+        _positive_int(search, "n_candidates", "n_candidates: 64", "exhaust")
+        if search["n_candidates"] == "exhaust" and search["min_resources"] == "exhaust":
+            raise SpecError(
+                "search.n_candidates",
+                "got 'exhaust' with min_resources 'exhaust': each needs the other (scikit-learn refuses it).",
+                "give n_candidates as a number, or min_resources: smallest.",
+            )
+    if not isinstance(search["aggressive_elimination"], bool):
+        raise SpecError(
+            "search.aggressive_elimination", f"got {_show(search['aggressive_elimination'])}.", "write true or false."
+        )
+    if search["max_resources"] == "auto" and resource != "n_samples":
+        raise SpecError(
+            "search.max_resources",
+            f"got 'auto' with resource {resource!r}: only n_samples has a size the data can tell.",
+            f"give the largest {resource} to reach, e.g. max_resources: 100.",
+        )
+
+
+def _check_seed(search: dict[str, Any]) -> None:
+    """A seed is required where it decides candidates or sub-samples: the plan must be reproducible."""
+    seed = search["random_state"]
+    needed = search["strategy"] in SAMPLED_STRATEGIES or search.get("resource") == "n_samples"
+    if seed is None and needed:
+        what = "sample other candidates" if search["strategy"] in SAMPLED_STRATEGIES else "draw other sub-samples"
+        raise SpecError(
+            "search.random_state",
+            f"is missing; without it every process would {what}, so the plan could not be "
+            "reproduced (scikit-learn allows None; a study here may not).",
+            f"give an integer seed, e.g. {_SEARCH_EXAMPLE if search['strategy'] == 'random' else 'random_state: 0'}.",
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED):
+        raise SpecError("search.random_state", f"got {_show(seed)}.", f"give an integer in [0, {_MAX_SEED}].")
+
+
+def _check_halving_metric(scoring: Any, refit: Any) -> None:
+    """Successive halving ranks each round by one score, as scikit-learn's Halving*SearchCV (no multi-metric)."""
+    if isinstance(scoring, list | dict):
+        raise SpecError(
+            "scoring",
+            f"got {_show(scoring)}; successive halving keeps each round's best by one metric (scikit-learn's "
+            "Halving*SearchCV refuse multi-metric scoring).",
+            "give one scorer name, e.g. scoring: accuracy.",
+        )
+    if isinstance(refit, Mapping):
+        raise SpecError(
+            "refit",
+            f"got {_show(refit)}; successive halving's winner is the best candidate of the last round.",
+            "omit refit (or use search strategy grid or random for a refit rule).",
+        )
 
 
 def _refuse_space(name: str, raw: Mapping[str, Any], strategy: str) -> None:

@@ -1,7 +1,9 @@
 """The one entrypoint that runs candidates, identical in a local process and in a pod.
 
-    python -m airflow_grid.worker evaluate --plan URI --candidate N [--candidate M ...] [--out P] [--memory-limit B]
-    python -m airflow_grid.worker refit --plan URI --candidate N --model PATH [--out PATH] [--memory-limit B]
+    python -m airflow_grid.worker evaluate --plan URI --candidate N [--candidate M ...] [--round R] [--out P]
+                                     [--memory-limit B]
+    python -m airflow_grid.worker refit --plan URI --candidate N [--round R] --model PATH [--out PATH]
+                                  [--memory-limit B]
 
 It needs only the worker dependencies (sklearn, numpy, pandas, joblib, fsspec, pyyaml, psutil): no Airflow, no MLflow.
 A candidate already in the store is not fitted again. Exit codes: 0 done (failed fits are recorded as data
@@ -32,8 +34,11 @@ class BadInput(Exception):
     """The plan or the candidate index is unusable: retrying cannot help."""
 
 
-def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
-    """Evaluate candidates of a plan, serving any already in the store; returns ``{"results": [...]}``."""
+def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -> dict[str, Any]:
+    """Evaluate candidates of a plan in one round, serving any already in the store; returns ``{"results": [...]}``.
+
+    ``iteration`` is the successive-halving round (0 for grid and random searches): it sets the resource.
+    """
     from airflow_grid import cv, data, grid, scoring_spec
     from airflow_grid.store import Store
 
@@ -51,17 +56,20 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
         if bad:  # checked before any fit, so a bad index never leaves half the work done
             shown = ", ".join(map(str, bad))
             raise BadInput(f"candidate {shown} is out of range: the plan has {len(candidates)} candidates.")
+        if not 0 <= iteration < plan.n_rounds:
+            raise BadInput(f"round {iteration} is out of range: the plan has {plan.n_rounds} round(s).")
         for index in indices:
-            candidate = candidates[index]
+            candidate = plan.row(iteration, index)
+            row = {"index": index, "iter": iteration, "label": candidate["label"], "params": candidate["params"]}
             stored = store.get_result(candidate["key"])
-            if stored is not None:
-                results.append({**stored, "from_store": True})
+            if stored is not None:  # the same key may have been stored by an equal candidate: this row names itself
+                results.append({**stored, **row, "from_store": True})
                 continue
             if loaded is None:
                 loaded = (
                     data.read_table(_verified_path(plan, store, "X", cache)),
                     data.read_table(_verified_path(plan, store, "y", cache)),
-                    data.read_folds(_verified_path(plan, store, "folds", cache)),
+                    data.read_folds(_verified_path(plan, store, candidate["folds"], cache)),
                 )
             X, y, folds = loaded
             if fit_params is None:
@@ -80,12 +88,12 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
                 return_train_score=spec.return_train_score,
                 cpu=spec.resources.cpu,
                 fit_params=fit_params,
+                timeout=spec.resources.timeout,
+                timeout_text=spec.resources.timeout_text,
             )
             result = {
                 "key": candidate["key"],
-                "index": index,
-                "label": candidate["label"],
-                "params": candidate["params"],
+                **row,
                 **scores,
                 "elapsed_s": time.perf_counter() - started,
                 "peak_rss_bytes": _peak_rss_bytes(),
@@ -98,8 +106,9 @@ def evaluate_candidates(plan_uri: str, indices: list[int]) -> dict[str, Any]:
     return {"plan_id": plan.plan_id, "results": results}
 
 
-def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any]:
-    """Fit a candidate on the whole search data, save it with joblib, and score it on the holdout if any."""
+def refit_candidate(plan_uri: str, index: int, model_path: str, iteration: int = 0) -> dict[str, Any]:
+    """Fit a candidate (as its row in round ``iteration``) on the whole search data, save it with joblib, and
+    score it on the holdout if any."""
     import joblib
     from sklearn.metrics import check_scoring
     from threadpoolctl import threadpool_limits
@@ -115,7 +124,9 @@ def refit_candidate(plan_uri: str, index: int, model_path: str) -> dict[str, Any
     candidates = plan.candidates
     if not 0 <= index < len(candidates):
         raise BadInput(f"candidate {index} is out of range: the plan has {len(candidates)} candidates.")
-    candidate = candidates[index]
+    if not 0 <= iteration < plan.n_rounds:
+        raise BadInput(f"round {iteration} is out of range: the plan has {plan.n_rounds} round(s).")
+    candidate = plan.row(iteration, index)  # halving: the winner's params with the last round's resource
     _, threads = cv.budget(spec.resources.cpu, 1)
     os.environ.update(cv.thread_env(threads))
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache, threadpool_limits(limits=threads):
@@ -285,12 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="evaluate candidates of a plan")
     evaluate.add_argument("--plan", required=True, help="plan URI (store root/plans/<plan_id>)")
     evaluate.add_argument("--candidate", type=int, action="append", required=True, help="candidate index")
+    evaluate.add_argument("--round", type=int, default=0, help="successive-halving round (default 0)")
     evaluate.add_argument("--out", help="result JSON path (default: stdout)")
     memory_help = "memory budget in bytes for all the worker's processes (default: $AIRFLOW_GRID_MEMORY_BYTES)"
     evaluate.add_argument("--memory-limit", type=int, help=memory_help)
     refit = commands.add_parser("refit", help="fit a candidate on the whole search data")
     refit.add_argument("--plan", required=True)
     refit.add_argument("--candidate", type=int, required=True)
+    refit.add_argument("--round", type=int, default=0, help="the winner's successive-halving round (default 0)")
     refit.add_argument("--model", required=True, help="where to write model.joblib")
     refit.add_argument("--out", help="outcome JSON path (default: stdout)")
     refit.add_argument("--memory-limit", type=int, help=memory_help)
@@ -300,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         watchdog = _guard_memory(memory_limit) if memory_limit else None
         if args.command == "evaluate":
-            payload = evaluate_candidates(args.plan, args.candidate)
+            payload = evaluate_candidates(args.plan, args.candidate, args.round)
         else:
-            payload = refit_candidate(args.plan, args.candidate, args.model)
+            payload = refit_candidate(args.plan, args.candidate, args.model, args.round)
     except BadInput as error:
         print(f"airflow-grid worker: bad input: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -38,7 +38,7 @@ from airflow_grid.plan import load_plan
 
 DAGS_DIR = Path(__file__).resolve().parents[1] / "dags"
 DAG_FILES = sorted(DAGS_DIR.glob("*.py"))
-GRID_SEARCH_DAG_IDS = {"grid_search_nightly", "grid_search_on_dataset"}
+GRID_SEARCH_DAG_IDS = {"grid_search_nightly", "grid_search_on_dataset", "grid_search_halving"}
 
 
 class ParseTimeLookup(RuntimeError):
@@ -182,15 +182,25 @@ def test_evaluate_is_mapped_pooled_and_labelled(dagbag: DagBag, dag_id: str, tas
 def test_task_graph_plan_evaluate_select_trigger(dagbag: DagBag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
     upstream = {task.task_id: task.upstream_task_ids for task in dag.tasks}
-    assert upstream == {
+    waves = {"evaluate", "evaluate_kubernetes"}
+    expected = {
         "plan": set(),
         "local_candidates": {"plan"},
         "evaluate": {"local_candidates"},
         "kubernetes_candidates": {"plan"},
         "evaluate_kubernetes": {"kubernetes_candidates"},
-        "select": {"plan", "evaluate", "evaluate_kubernetes"},
-        "trigger_refit": {"select"},
     }
+    for r in range(1, 4 if dag_id == "grid_search_halving" else 1):  # a wave per successive-halving round
+        expected |= {
+            f"round_{r}": {"plan", *waves},  # survivors from every earlier round's results
+            f"local_candidates_round_{r}": {f"round_{r}"},
+            f"evaluate_round_{r}": {f"local_candidates_round_{r}"},
+            f"kubernetes_candidates_round_{r}": {f"round_{r}"},
+            f"evaluate_kubernetes_round_{r}": {f"kubernetes_candidates_round_{r}"},
+        }
+        waves |= {f"evaluate_round_{r}", f"evaluate_kubernetes_round_{r}"}
+        assert dag.get_task(f"round_{r}").trigger_rule == "none_failed"  # the unused backend's wave is skipped
+    assert upstream == {**expected, "select": {"plan", *waves}, "trigger_refit": {"select"}}
     select = dag.get_task("select")
     assert isinstance(select, SelectWinnerOperator)
     assert select.trigger_rule == "none_failed_min_one_success"  # the unused backend's evaluate is skipped
@@ -639,3 +649,34 @@ def test_conf_spec_reads_no_file_when_the_dag_spec_reads_none(
     Path(plan_operator.spec_path).write_text(yaml.safe_dump(document))
     items = plan_operator.execute(_plan_context({}, {}, DATE))  # type: ignore[arg-type]
     assert load_plan(items[0]["plan_uri"]).document["n_samples"] == 150
+
+
+# --- successive halving: waves of rounds --------------------------------------------------------------------------
+
+HALVING_CONF = {"search": {"strategy": "halving_grid", "factor": 2, "random_state": 0}}
+
+
+def test_only_dags_with_round_waves_offer_halving_in_the_form(dagbag: DagBag) -> None:
+    halving = serialized(dagbag.dags["grid_search_halving"]).params
+    resolved = halving.deep_merge(copy.deepcopy(HALVING_CONF)).validate()
+    assert resolved["search"] == HALVING_CONF["search"]
+    sampled = {"strategy": "halving_random", "n_candidates": "exhaust", "min_resources": 20, "random_state": 1}
+    assert halving.deep_merge({"search": sampled}).validate()["search"] == sampled
+    with pytest.raises(ParamValidationError, match="param search"):
+        halving.deep_merge({"search": {"strategy": "halving_grid", "factor": 1}}).validate()
+    nightly = serialized(dagbag.dags["grid_search_nightly"]).params
+    with pytest.raises(ParamValidationError, match="param search: 'halving_grid' is not one of"):
+        nightly.deep_merge({"search": {"strategy": "halving_grid"}}).validate()
+    with pytest.raises(ParamValidationError, match=r"param search: .*'factor' was unexpected"):
+        nightly.deep_merge(copy.deepcopy(HALVING_CONF)).validate()
+
+
+def test_plan_refuses_more_rounds_than_the_dag_has_waves(plan_operator: PlanGridSearchOperator) -> None:
+    """iris, 8 candidates, factor 2: 4 rounds (8, 4, 2, 1); a one-wave DAG says so before any candidate runs."""
+    context = _plan_context({**HALVING_CONF, "param_grid": {"clf__C": [0.01, 0.1, 1, 10, 100, 3, 30, 300]}}, {}, None)
+    with pytest.raises(AirflowFailException, match=r"needs 4 rounds, but this DAG has 1 wave.*max_rounds=4"):
+        plan_operator.execute(context)  # type: ignore[arg-type]
+    plan_operator.max_rounds = 4
+    items = plan_operator.execute(context)  # type: ignore[arg-type]
+    assert len(items) == 8 and "round 0" in items[0]["label"] and "round" not in items[0]
+    assert context["ti"].pushed["plan"]["n_rounds"] == 4

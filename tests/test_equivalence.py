@@ -30,9 +30,12 @@ from sklearn.compose import ColumnTransformer
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_iris
 from sklearn.decomposition import PCA
 from sklearn.exceptions import FitFailedWarning
+from sklearn.experimental import enable_halving_search_cv  # noqa: F401
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import (
     GridSearchCV,
+    HalvingGridSearchCV,
+    HalvingRandomSearchCV,
     KFold,
     RandomizedSearchCV,
     ShuffleSplit,
@@ -73,11 +76,12 @@ class Reference:
     n_failed: int = 0  # candidates with at least one failed fit
     n_iter: int | None = None  # set: a RandomizedSearchCV (with random_state) instead of a GridSearchCV
     random_state: int | None = None
+    halving: dict[str, Any] | None = None  # set: Halving{Grid,Random}SearchCV with these kwargs (+ "strategy")
 
 
 @dataclass
 class Fitted:
-    search: GridSearchCV | RandomizedSearchCV
+    search: Any  # GridSearchCV, RandomizedSearchCV or a Halving*SearchCV
     holdout_score: float | None
     warnings: list[warnings.WarningMessage] = field(default_factory=list)
 
@@ -98,8 +102,12 @@ def fit_reference(ref: Reference) -> Fitted:
         "error_score": ref.error_score,
         "return_train_score": ref.return_train_score,
     }
-    search: GridSearchCV | RandomizedSearchCV
-    if ref.n_iter is None:
+    search: Any
+    if ref.halving is not None:
+        kwargs = {k: v for k, v in ref.halving.items() if k != "strategy"}
+        halving_class = HalvingRandomSearchCV if ref.halving["strategy"] == "halving_random" else HalvingGridSearchCV
+        search = halving_class(ref.estimator, ref.param_grid, **kwargs, **common)
+    elif ref.n_iter is None:
         search = GridSearchCV(ref.estimator, ref.param_grid, **common)
     else:
         search = RandomizedSearchCV(
@@ -769,6 +777,8 @@ def assert_equivalent(run: Run, fitted: Fitted, ref: Reference) -> None:
                 assert all(_same_value(mine[name], sklearns[name]) for name in sklearns), (
                     f"params[{index}]: {mine!r} != {sklearns!r}"
                 )
+        elif key in ("iter", "n_resources"):  # successive halving's rounds
+            assert column == [int(v) for v in expected], f"{key}: {column} != {list(expected)}"
         else:
             assert key in TIME_COLUMNS, f"unexpected column {key}"
             times = _numbers(column)
@@ -783,6 +793,15 @@ def assert_equivalent(run: Run, fitted: Fitted, ref: Reference) -> None:
     assert best["n_failed"] == ref.n_failed
     assert list(best["best_params"]) == list(search.best_params_)
     assert all(_same_value(best["best_params"][k], v) for k, v in search.best_params_.items())
+    if ref.halving is not None:
+        rounds = best["halving"]
+        assert rounds["n_iterations"] == search.n_iterations_
+        assert rounds["n_required_iterations"] == search.n_required_iterations_
+        assert rounds["n_possible_iterations"] == search.n_possible_iterations_
+        assert rounds["n_resources"] == search.n_resources_
+        assert rounds["n_candidates_"] == search.n_candidates_
+        assert rounds["n_remaining_candidates_"] == search.n_remaining_candidates_
+        assert (rounds["min_resources"], rounds["max_resources"]) == (search.min_resources_, search.max_resources_)
     if fitted.holdout_score is None:
         assert best["holdout_score"] is None
     else:

@@ -23,7 +23,9 @@ CORE_MODULES = [
     "airflow_grid.plan",
     "airflow_grid.launch",
     "airflow_grid.limits",
+    "airflow_grid.timeouts",
     "airflow_grid.leaderboard",
+    "airflow_grid.randomness",
 ]
 
 
@@ -49,6 +51,7 @@ def under(names: list[str], roots: set[str]) -> list[str]:
     ("modules", "banned"),
     [
         pytest.param(CORE_MODULES, {"airflow", "mlflow"}, id="core-without-airflow-and-mlflow"),
+        pytest.param(["airflow_grid.kubernetes.pods"], {"airflow", "mlflow"}, id="pod-helpers-without-airflow"),
         pytest.param(
             ["airflow_grid"], {"airflow", "mlflow", "sklearn", "numpy", "scipy", "pandas", "yaml"}, id="provider-info"
         ),

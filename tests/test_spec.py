@@ -206,7 +206,7 @@ BAD_FIELDS = [
     ),
     pytest.param(
         {"resources": {"cpu": 1, "gpu": 1}},
-        says("resources.gpu", "unknown field (value 1)", "Fix: resources takes cpu and memory"),
+        says("resources.gpu", "unknown field (value 1)", "Fix: resources takes cpu, memory and timeout"),
         id="resources-unknown-key",
     ),
     pytest.param(

@@ -11,9 +11,9 @@ import jinja2
 from airflow.sdk import BaseOperator, Context, conf
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_grid import lineage, overrides, settings
+from airflow_grid import lineage, overrides, randomness, settings
 from airflow_grid import policy as trust
-from airflow_grid.plan import make_plan
+from airflow_grid.plan import deal, make_plan, work_items
 from airflow_grid.policy import DATA_PATH_VARIABLES
 from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -43,10 +43,12 @@ class PlanGridSearchOperator(BaseOperator):
         data_roots: Sequence[str] | None = None,
         extra_allowed: Sequence[str] = (),
         backends: Sequence[str] = ("local",),
+        max_rounds: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.backends = tuple(backends)
+        self.max_rounds = max_rounds
         self.spec_path = spec_path
         self.store = store
         self.grid_pool = grid_pool or settings.default_pool()
@@ -84,8 +86,9 @@ class PlanGridSearchOperator(BaseOperator):
             raise AirflowFailException(f"invalid spec: {error}") from error
         version = version or plan.document["data_fingerprint"][:12]
         self._lineage = lineage.plan_lineage(plan.document, version)
+        self._check_rounds(plan.n_rounds, spec.strategy)
         candidates = plan.candidates
-        groups = _deal(len(candidates), params.get("max_parallel"))
+        groups = deal(list(range(len(candidates))), params.get("max_parallel"))
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
         if len(groups) > max_map_length:
             raise AirflowFailException(
@@ -98,27 +101,21 @@ class PlanGridSearchOperator(BaseOperator):
             "study": spec.name,
             "n_candidates": len(candidates),
             "n_fits": plan.document["n_fits"],
+            "n_rounds": plan.n_rounds,
             "dataset_version": version,
             "dataset_version_source": source,
             "overrides": applied,
         }
         context["ti"].xcom_push(key="plan", value=summary)
-        items = [
-            {
-                "plan_uri": plan.uri,
-                "indices": group,
-                "label": " | ".join(candidates[i]["label"] for i in group),
-                "cpu": spec.resources.cpu_text,
-                "memory": spec.resources.memory_text,
-                "backend": spec.backend,
-            }
-            for group in groups
-        ]
+        items = work_items(plan, 0, list(range(len(candidates))), params.get("max_parallel"))
         self.log.info(
             "Planned %s: %d candidates x %d folds = %d fits in %d tasks; dataset version %s (from %s); overrides %s",
             spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(groups), version, source,
             applied or "none",
         )  # fmt: skip
+        unseeded = plan.document.get("unseeded") or []  # absent in plans written before the field existed
+        if unseeded:
+            self.log.warning("%s", randomness.summary(unseeded, len(candidates)))
         return items
 
     def get_openlineage_facets_on_start(self) -> Any:
@@ -190,6 +187,16 @@ class PlanGridSearchOperator(BaseOperator):
                 "write resources: {cpu: 1, memory: 2Gi}.",
             )
 
+    def _check_rounds(self, n_rounds: int, strategy: str) -> None:
+        """A halving search needing more rounds than the DAG has waves would stop short: refuse it at plan."""
+        if n_rounds > self.max_rounds:
+            raise AirflowFailException(
+                f"invalid spec: search.strategy: {strategy} needs {n_rounds} rounds, but this DAG has "
+                f"{self.max_rounds} wave(s) of evaluate tasks. Fix: build the DAG with "
+                f"grid_search_dag(max_rounds={n_rounds}) or more, or raise search.factor / min_resources so fewer "
+                "rounds are needed."
+            )
+
     def _check_pool(self) -> None:
         """A task in a missing pool waits forever: fail now with the command that creates it."""
         exists = pool_exists(self.grid_pool)
@@ -219,10 +226,3 @@ def _asset_events(context: Context) -> dict[Any, Any]:
     except Exception:  # the accessor raises outside asset-triggered runs in some versions
         return {}
     return dict(events.items()) if hasattr(events, "items") else {}
-
-
-def _deal(n_candidates: int, max_parallel: int | None) -> list[list[int]]:
-    """One candidate per task, or dealt round-robin into ``max_parallel`` tasks (so costly neighbours spread)."""
-    if not max_parallel or max_parallel >= n_candidates:
-        return [[i] for i in range(n_candidates)]
-    return [list(range(start, n_candidates, max_parallel)) for start in range(max_parallel)]

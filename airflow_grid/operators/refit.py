@@ -51,10 +51,14 @@ class RefitWinnerOperator(BaseOperator):
             raise AirflowFailException(f"MLflow run {self.parent_run_id} is not an airflow-grid study run.")
         plan = load_plan(tags[tracking.TAG_PLAN_URI])
         spec = plan.spec
-        best_index = int(tags[tracking.TAG_BEST_INDEX])
+        best_index = int(tags[tracking.TAG_BEST_INDEX])  # the cv_results_ row
+        # Successive halving: the row is a candidate in a round (its resource); otherwise row = candidate.
+        winner = plan.row(
+            int(tags.get(tracking.TAG_BEST_ROUND, 0)), int(tags.get(tracking.TAG_BEST_CANDIDATE, best_index))
+        )
         store = Store(plan.store_root)
         model_path = Path(tempfile.mkdtemp(prefix="airflow-grid-refit-")) / "model.joblib"
-        outcome = self._run_refit(plan.uri, best_index, model_path, spec.resources.cpu, spec.resources.memory_bytes)
+        outcome = self._run_refit(plan.uri, winner, model_path, spec.resources.cpu, spec.resources.memory_bytes)
         import joblib
 
         model = joblib.load(model_path)
@@ -70,12 +74,12 @@ class RefitWinnerOperator(BaseOperator):
             input_example=input_example,
             holdout_score=outcome["holdout_score"],
             holdout_metric=outcome["holdout_metric"],
-            tags={"airflow_grid.best_label": plan.candidates[best_index]["label"]},
+            tags={"airflow_grid.best_label": winner["label"]},
         )
         self._lineage = lineage.refit_lineage(plan.document, registered, tracking.tracking_uri())
         self.log.info(
             "Refit %s winner [%d] %s: holdout %s=%s; registered %s v%s; champion is v%s (%s)",
-            spec.name, best_index, plan.candidates[best_index]["label"], outcome["holdout_metric"],
+            spec.name, best_index, winner["label"], outcome["holdout_metric"],
             outcome["holdout_score"], registered["model_name"], registered["version"],
             registered["champion_version"], "promoted" if registered["promoted"] else "kept",
         )  # fmt: skip
@@ -83,12 +87,21 @@ class RefitWinnerOperator(BaseOperator):
         emit_if_promoted(context, result, holdout_metric=outcome["holdout_metric"], parent_run_id=self.parent_run_id)
         return result
 
-    def _run_refit(self, plan_uri: str, index: int, model_path: Path, cpu: float, memory: int) -> dict[str, Any]:
+    def _run_refit(
+        self, plan_uri: str, winner: dict[str, Any], model_path: Path, cpu: float, memory: int
+    ) -> dict[str, Any]:
         """Fit in a worker process inside the spec's CPU and memory budget (the evaluate tasks' budget)."""
         with tempfile.TemporaryDirectory(prefix="airflow-grid-refit-") as scratch:
             out = Path(scratch) / "outcome.json"
             command = worker_command(
-                "refit", plan_uri, index, out=str(out), memory_bytes=memory, python=self.python, model=str(model_path)
+                "refit",
+                plan_uri,
+                winner["index"],
+                out=str(out),
+                memory_bytes=memory,
+                python=self.python,
+                model=str(model_path),
+                round_=winner["iter"],
             )
             self._hook = SubprocessHook()
             result = self._hook.run_command(command, env=worker_env(cpu), cwd=scratch)

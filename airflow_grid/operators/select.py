@@ -45,20 +45,22 @@ class SelectWinnerOperator(BaseOperator):
         self.max_child_runs = max_child_runs
 
     def execute(self, context: Context) -> dict[str, Any]:
-        payloads = [payload for output in self.evaluated for payload in _all(output)]
         summary = self.plan_summary
         plan = load_plan(summary["plan_uri"])
         spec = plan.spec
-        by_index = {item["index"]: item for payload in payloads for item in payload["results"]}
-        missing = [c["index"] for c in plan.candidates if c["index"] not in by_index]
-        if missing:
-            raise AirflowFailException(f"no result for candidates {missing}: did evaluate tasks fail or get skipped?")
-        ordered = [by_index[c["index"]] for c in plan.candidates]
+        found = collect_results(self.evaluated)
         try:
-            cv_results, best = plan.reduce(ordered)
+            rounds = plan.rounds(lambda itr, index: found.get((itr, index)))
+            missing = [(itr, i) for itr, indices in enumerate(rounds) for i in indices if (itr, i) not in found]
+            if missing or len(rounds) < plan.n_rounds:
+                shown = [i for _, i in missing] if plan.n_rounds == 1 else missing or f"rounds after {len(rounds) - 1}"
+                raise AirflowFailException(f"no result for candidates {shown}: did evaluate tasks fail or get skipped?")
+            ordered = [found[(itr, i)] for itr, indices in enumerate(rounds) for i in indices]
+            cv_results, best = plan.reduce(ordered, rounds)
         except results.AllFitsFailedError as error:
             raise AirflowFailException(str(error)) from error
         best_index = best["best_index"]
+        winner = plan.row(best.get("best_iter", 0), best.get("best_candidate", best_index))
         cv_json = results.to_json(cv_results)
         dag_run = context["dag_run"]
         store = Store(plan.store_root)
@@ -79,14 +81,16 @@ class SelectWinnerOperator(BaseOperator):
                 tracking.TAG_PLAN_ID: plan.plan_id,
                 tracking.TAG_PLAN_URI: plan.uri,
                 "airflow_grid.overrides": json.dumps(summary["overrides"]),
+                **tracking.search_tags(spec.search, best),
             },
             "max_child_runs": settings.max_child_runs() if self.max_child_runs is None else self.max_child_runs,
+            "unseeded": plan.document.get("unseeded", []),  # plans written before the field existed lack it
         }
         parent_run_id = log_study_or_retry(study_log, results_url=store.url(study_dir))
         links.publish(self, context, tracking.candidate_runs(parent_run_id))  # the task links to MLflow
         self.log.info(
             "Winner [%d] %s: mean_test_%s=%.4f (%d candidates, %d fitted now, %d from store); MLflow run %s",
-            best_index, plan.candidates[best_index]["label"], spec.refit_metric, best["best_score"],
+            best_index, winner["label"], spec.refit_metric, best["best_score"],
             len(ordered), fitted, len(ordered) - fitted, parent_run_id,
         )  # fmt: skip
         self.log.info("%s", leaderboard.render(cv_results, spec.refit_metric, best_index=best_index))
@@ -96,7 +100,7 @@ class SelectWinnerOperator(BaseOperator):
             "study": spec.name,
             "best_index": best_index,
             "best_score": best["best_score"],
-            "best_label": plan.candidates[best_index]["label"],
+            "best_label": winner["label"],
             "dataset_version": summary["dataset_version"],
             "results_uri": store.url(study_dir),
         }
@@ -167,6 +171,12 @@ def connection_failure(error: BaseException) -> BaseException | None:
 def redact(text: str) -> str:
     """``text`` without the ``user:password@`` of any URL in it."""
     return re.sub(r"(?<=://)[^/@\s]+@", "", text)
+
+
+def collect_results(evaluated: Any) -> dict[tuple[int, int], dict[str, Any]]:
+    """Every evaluate result of the given outputs, by (round, candidate index)."""
+    payloads = [payload for output in evaluated for payload in _all(output)]
+    return {(item.get("iter", 0), item["index"]): item for payload in payloads for item in payload["results"]}
 
 
 def _all(output: Any) -> list[Any]:

@@ -15,7 +15,9 @@ from airflow_grid.tracking.plots import plots
 from airflow_grid.tracking.registry import champion_gate, load_champion, log_refit
 from airflow_grid.tracking.runs import (
     DEFAULT_MAX_CHILD_RUNS,
+    TAG_BEST_CANDIDATE,
     TAG_BEST_INDEX,
+    TAG_BEST_ROUND,
     TAG_CANDIDATE,
     TAG_DAG_ID,
     TAG_DATASET_VERSION,
@@ -23,7 +25,10 @@ from airflow_grid.tracking.runs import (
     TAG_PLAN_URI,
     TAG_REFIT_METRIC,
     TAG_ROLE,
+    TAG_ROUNDS,
     TAG_RUN_ID,
+    TAG_STRATEGY,
+    TAG_UNSEEDED,
     airflow_home,
     candidate_runs,
     client,
@@ -32,12 +37,15 @@ from airflow_grid.tracking.runs import (
     find_or_create_parent,
     log_study,
     param_text,
+    search_tags,
     tracking_uri,
 )
 
 __all__ = [
     "DEFAULT_MAX_CHILD_RUNS",
+    "TAG_BEST_CANDIDATE",
     "TAG_BEST_INDEX",
+    "TAG_BEST_ROUND",
     "TAG_CANDIDATE",
     "TAG_DAG_ID",
     "TAG_DATASET_VERSION",
@@ -45,7 +53,10 @@ __all__ = [
     "TAG_PLAN_URI",
     "TAG_REFIT_METRIC",
     "TAG_ROLE",
+    "TAG_ROUNDS",
     "TAG_RUN_ID",
+    "TAG_STRATEGY",
+    "TAG_UNSEEDED",
     "airflow_home",
     "candidate_runs",
     "champion_gate",
@@ -58,5 +69,6 @@ __all__ = [
     "log_study",
     "param_text",
     "plots",
+    "search_tags",
     "tracking_uri",
 ]

@@ -27,6 +27,11 @@ TAG_BEST_INDEX = "airflow_grid.best_index"
 TAG_REFIT_METRIC = "airflow_grid.refit_metric"
 TAG_REFIT_RULE = "airflow_grid.refit_rule"
 TAG_PLAN_URI = "airflow_grid.plan_uri"
+TAG_UNSEEDED = "airflow_grid.unseeded"
+TAG_STRATEGY = "airflow_grid.search_strategy"
+TAG_ROUNDS = "airflow_grid.rounds"
+TAG_BEST_CANDIDATE = "airflow_grid.best_candidate"  # halving: the winner's plan candidate and round (the refit's)
+TAG_BEST_ROUND = "airflow_grid.best_round"
 DEFAULT_MAX_CHILD_RUNS = 100
 
 
@@ -102,6 +107,20 @@ def param_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def search_tags(search: dict[str, Any], best: dict[str, Any]) -> dict[str, str]:
+    """Parent-run tags for the search: its strategy and settings; for successive halving, the rounds and the
+    winner's candidate and round (``best_index`` is its cv_results_ row; the refit needs the candidate)."""
+    tags = {TAG_STRATEGY: str(search["strategy"]), "airflow_grid.search": json.dumps(search, sort_keys=True)}
+    rounds = best.get("halving")
+    if rounds:
+        tags[TAG_ROUNDS] = json.dumps(
+            {key: rounds[key] for key in ("n_iterations", "n_resources", "n_candidates_", "resource", "factor")}
+        )
+        tags[TAG_BEST_CANDIDATE] = str(best["best_candidate"])
+        tags[TAG_BEST_ROUND] = str(best["best_iter"])
+    return tags
+
+
 def log_study(
     *,
     study: str,
@@ -112,8 +131,14 @@ def log_study(
     spec_yaml: str,
     tags: dict[str, str],
     max_child_runs: int = DEFAULT_MAX_CHILD_RUNS,
+    unseeded: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Log a finished search under its parent run (idempotent per dag_id/run_id) and return the parent run id."""
+    """Log a finished search under its parent run (idempotent per dag_id/run_id) and return the parent run id.
+
+    ``unseeded`` is the plan's list of components whose scores depend on an unset random_state
+    (:func:`airflow_grid.randomness.unseeded`): when non-empty it becomes the tag :data:`TAG_UNSEEDED` (a short
+    comma list, cut to MLflow's tag limit) and the artifact ``unseeded.json`` (the whole list).
+    """
     from mlflow.entities import Metric, Param, RunTag
 
     mlflow_client = client()
@@ -132,6 +157,8 @@ def log_study(
     ]
     if best.get("refit_rule"):  # the winner is the rule's choice, not rank 1: say so on the parent run
         run_tags.append(RunTag(TAG_REFIT_RULE, json.dumps(best["refit_rule"], sort_keys=True)))
+    if unseeded:  # which scores a fresh run may change: readable in the runs table without opening artifacts
+        run_tags.append(RunTag(TAG_UNSEEDED, unseeded_tag(unseeded)))
     _log_missing(mlflow_client, parent, metrics=metrics, params=params, tags=run_tags)
     with tempfile.TemporaryDirectory(prefix="airflow-grid-mlflow-") as scratch:
         folder = Path(scratch)
@@ -139,6 +166,8 @@ def log_study(
         (folder / "cv_results.csv").write_text(cv_results_csv(cv_results))
         (folder / "spec.yaml").write_text(spec_yaml)
         (folder / "best.json").write_text(json.dumps(best, indent=1))
+        if unseeded:
+            (folder / "unseeded.json").write_text(json.dumps(unseeded, indent=1))
         from airflow_grid.tracking.plots import plots  # matplotlib: only when a study is logged
 
         for name, png in plots(cv_results, refit_metric).items():
@@ -147,6 +176,18 @@ def log_study(
     _log_children(mlflow_client, parent, study, cv_results, max_child_runs)
     mlflow_client.set_terminated(parent, status="FINISHED")
     return parent
+
+
+def unseeded_tag(unseeded: list[dict[str, Any]]) -> str:
+    """``clf (RandomForestClassifier), cv (ShuffleSplit)``, cut to MLflow's tag value limit (ending in ``...``)."""
+    from airflow_grid.randomness import names  # sklearn: only when a study is logged
+
+    try:
+        from mlflow.utils.validation import MAX_TAG_VAL_LENGTH as limit
+    except ImportError:  # moved in another MLflow version: the smallest limit MLflow has had
+        limit = 5000
+    text = names(unseeded)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _log_children(mlflow_client: Any, parent: str, study: str, cv_results: dict[str, list[Any]], cap: int) -> None:
@@ -181,7 +222,7 @@ def _log_children(mlflow_client: Any, parent: str, study: str, cv_results: dict[
         metrics = [
             Metric(key, _number(column[index]), now, 0)
             for key, column in cv_results.items()
-            if key.startswith(("mean_", "std_", "rank_"))
+            if key.startswith(("mean_", "std_", "rank_")) or key in ("iter", "n_resources")  # halving's round
         ]
         _log_missing(mlflow_client, run.info.run_id, metrics=metrics, params=params)
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
