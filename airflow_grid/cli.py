@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_grid import launch, leaderboard, randomness, results, versions
-from airflow_grid.plan import Plan, make_plan
+from airflow_grid.plan import Plan, deal, make_plan, units
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
 
@@ -212,9 +212,11 @@ def evaluate_all(
             done[candidate["index"]] = {**stored, **_row(candidate), "from_store": True}
             _progress(len(done) + len(failures), len(candidates), candidate, done[candidate["index"]])
 
-    per_process = max(1, per_process)
-    n_chunks = max(1, -(-len(pending) // per_process)) if pending else 0
-    chunks = [pending[start::n_chunks] for start in range(n_chunks)]  # dealt, so costly neighbours spread out
+    # Units of work as the DAG runs them (a warm-start chain is one), per_process candidates' worth per process.
+    by_index = {candidate["index"]: candidate for candidate in pending}
+    pending_units = units(plan, iteration, list(by_index))
+    n_chunks = max(1, -(-len(pending) // max(1, per_process))) if pending else 0
+    chunks = [[by_index[i] for i in group] for group in deal(pending_units, n_chunks)]  # dealt: costly ones spread
     with tempfile.TemporaryDirectory(prefix="airflow-grid-run-") as scratch:
         running: dict[int, tuple[subprocess.Popen[bytes], Path, Any, list[dict[str, Any]]]] = {}
         while chunks or running:

@@ -48,6 +48,7 @@ def evaluate(
     fit_params: dict[str, Any] | None = None,
     timeout: float | None = None,
     timeout_text: str | None = None,
+    outputs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Fit and score ``estimator`` (params already set) on every fold; failures become data per error_score.
 
@@ -59,11 +60,14 @@ def evaluate(
     With ``timeout`` (seconds, ``resources.timeout``) each fold runs in a child process that is killed when its
     fit runs longer, and the fold is recorded as a failed fit (see :mod:`airflow_grid.timeouts`); without it the
     folds run in this process and loky workers, as GridSearchCV runs them.
+
+    ``outputs``: the folds were already fitted and scored (a warm-start chain, :func:`evaluate_chain`); they are
+    assembled here exactly as ``cross_validate`` assembles its own.
     """
     from sklearn.model_selection import cross_validate
     from threadpoolctl import threadpool_limits
 
-    from airflow_grid import timeouts
+    from airflow_grid import chains, timeouts
 
     n_jobs, threads = budget(cpu, len(folds))
     os.environ.update(thread_env(threads))  # loky workers inherit it
@@ -72,7 +76,11 @@ def evaluate(
     with threadpool_limits(limits=threads), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if timeout is None:
+            if outputs is not None:
+                scores = chains.as_cross_validate(
+                    outputs, scoring=scoring, error_score=error_score, return_train_score=return_train_score
+                )
+            elif timeout is None:
                 scores = cross_validate(
                     estimator,
                     X,
@@ -132,6 +140,44 @@ def evaluate(
     if return_train_score:
         result["train_scores"] = {m: _floats(scores["train_score" if prefix else f"train_{m}"]) for m in metric_names}
     return result
+
+
+def evaluate_chain(
+    estimator: Any,
+    name: str,
+    sizes: list[int],
+    X: Any,
+    y: Any,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    scoring: str | list[str] | dict[str, Any] | None,
+    metric_names: list[str],
+    error_score: float | str,
+    return_train_score: bool,
+    cpu: float,
+    fit_params: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """A warm-start chain (see :mod:`airflow_grid.chains`): one result per size, each as :func:`evaluate` gives it
+    for that size alone; folds run in parallel within the same CPU budget."""
+    from sklearn.metrics import check_scoring
+    from threadpoolctl import threadpool_limits
+
+    from airflow_grid import chains
+
+    n_jobs, threads = budget(cpu, len(folds))
+    os.environ.update(thread_env(threads))
+    scorers = check_scoring(estimator, scoring=scoring, raise_exc=(error_score == "raise"))  # as cross_validate
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fits' own warnings; failures are reported per size below
+        per_size = chains.fit_chain(
+            estimator, name, sizes, X, y, folds, scorers=scorers, fit_params=fit_params or None,
+            return_train_score=return_train_score, error_score=error_score, n_jobs=n_jobs,
+        )  # fmt: skip
+    common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}
+    return [
+        evaluate(estimator, X, y, folds, return_train_score=return_train_score, outputs=outputs, **common)
+        for outputs in per_size
+    ]
 
 
 def _renamed_from(failure: ValueError) -> BaseException | None:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from airflow_grid import data, grid, halving, randomness, versions
+from airflow_grid import chains, data, grid, halving, randomness, versions
 from airflow_grid.policy import Policy
 from airflow_grid.spec import SearchSpec, content_hash, parse_spec
 from airflow_grid.store import Store, bytes_check
@@ -303,10 +303,11 @@ def load_plan(uri: str) -> Plan:
 def work_items(plan: Plan, iteration: int, indices: list[int], max_parallel: int | None = None) -> list[dict[str, Any]]:
     """The mapped evaluate items of one round: ``{"plan_uri", "indices", "label", "cpu", "memory", "backend"}``
     (and ``"round"`` after the first; ``"timeout"`` and ``"n_folds"`` with a ``resources.timeout``), one candidate
-    per item, or dealt into at most ``max_parallel`` items."""
+    per unit of work (:func:`units`: a warm-start chain is one unit), or units dealt into at most ``max_parallel``
+    items."""
     spec = plan.spec
     items = []
-    for group in deal(indices, max_parallel):
+    for group in deal(units(plan, iteration, indices), max_parallel):
         item: dict[str, Any] = {
             "plan_uri": plan.uri,
             "indices": group,
@@ -322,8 +323,24 @@ def work_items(plan: Plan, iteration: int, indices: list[int], max_parallel: int
     return items
 
 
-def deal(indices: list[int], max_parallel: int | None) -> list[list[int]]:
-    """One candidate per group, or dealt round-robin into ``max_parallel`` groups (so costly neighbours spread)."""
-    if not max_parallel or max_parallel >= len(indices):
+def units(plan: Plan, iteration: int, indices: list[int]) -> list[list[int]]:
+    """A round's units of work: each warm-start chain (candidates differing only in an ensemble's size, see
+    :mod:`airflow_grid.chains`) together in ascending size, every other candidate alone; in candidate order.
+
+    With ``units: candidate`` in the spec, or a ``resources.timeout``, every candidate is its own unit.
+    """
+    spec = plan.spec
+    if spec.units == "candidate" or spec.resources.timeout is not None:
         return [[index] for index in indices]
-    return [indices[start::max_parallel] for start in range(max_parallel)]
+    rows = [plan.row(iteration, index) for index in indices]
+    chained, alone = chains.find(rows, lambda params: grid.build_estimator(spec, params))
+    found = [[row["index"] for row in chain] for chain in chained] + [[row["index"]] for row in alone]
+    order = {index: position for position, index in enumerate(indices)}
+    return sorted(found, key=lambda unit: min(order[index] for index in unit))
+
+
+def deal(units: list[list[int]], max_parallel: int | None) -> list[list[int]]:
+    """One unit per group, or units dealt round-robin into ``max_parallel`` groups (so costly neighbours spread)."""
+    if not max_parallel or max_parallel >= len(units):
+        return [list(unit) for unit in units]
+    return [[index for unit in units[start::max_parallel] for index in unit] for start in range(max_parallel)]

@@ -75,6 +75,7 @@ _KNOWN_FIELDS = {
     "limits",
     "backend",
     "fit_params",
+    "units",
 }
 DEFAULT_MAX_FITS = 5000
 MAX_SPEC_FILE_BYTES = 1_000_000
@@ -253,6 +254,11 @@ class SearchSpec:
         return self.scoring
 
     @property
+    def units(self) -> str:
+        """``shared`` (default: warm-start chains run as one unit of work) or ``candidate`` (one per task)."""
+        return str(self.raw.get("units") or "shared")
+
+    @property
     def fit_params(self) -> dict[str, str]:
         """Fit parameter (as ``GridSearchCV.fit`` takes it, e.g. ``clf__sample_weight``) -> its data column/array."""
         return dict(self.raw.get("fit_params") or {})
@@ -387,6 +393,12 @@ def parse_spec(
     _check_data_columns(data, raw.get("fit_params"), holdout)
     resources = parse_resources(raw.get("resources"))
     max_fits = _parse_limits(raw.get("limits"))
+    if raw.get("units") not in (None, "shared", "candidate"):
+        raise SpecError(
+            "units",
+            f"got {_show(raw['units'])}.",
+            "write shared (candidates that share work run together) or candidate (one candidate per task).",
+        )
     backend = raw.get("backend", "local")
     if backend not in ("local", "kubernetes"):
         raise SpecError("backend", f"got {_show(backend)}.", "write local or kubernetes.")

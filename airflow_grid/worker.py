@@ -38,8 +38,10 @@ def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -
     """Evaluate candidates of a plan in one round, serving any already in the store; returns ``{"results": [...]}``.
 
     ``iteration`` is the successive-halving round (0 for grid and random searches): it sets the resource.
+    Candidates that differ only in an ensemble's size are fitted as one warm-start chain per fold (see
+    :mod:`airflow_grid.chains`; same scores), unless ``resources.timeout`` is set.
     """
-    from airflow_grid import cv, data, grid, scoring_spec
+    from airflow_grid import chains, grid
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
@@ -47,63 +49,99 @@ def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -
     spec = plan.spec
     store = Store(plan.store_root)
     _mark_in_use(store, plan.plan_id)
-    candidates = plan.candidates
-    results = []
+    n_candidates = len(plan.candidates)
+    bad = [index for index in indices if not 0 <= index < n_candidates]
+    if bad:  # checked before any fit, so a bad index never leaves half the work done
+        raise BadInput(f"candidate {', '.join(map(str, bad))} is out of range: the plan has {n_candidates} candidates.")
+    if not 0 <= iteration < plan.n_rounds:
+        raise BadInput(f"round {iteration} is out of range: the plan has {plan.n_rounds} round(s).")
+    rows = [plan.row(iteration, index) for index in indices]
+    done: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        stored = store.get_result(row["key"])
+        if stored is not None:  # the same key may have been stored by an equal candidate: this row names itself
+            done[row["index"]] = {**stored, **_names(row), "from_store": True}
+    pending = [row for row in rows if row["index"] not in done]
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
-        loaded: tuple[Any, Any, Any] | None = None
-        fit_params: dict[str, Any] | None = None
-        bad = [index for index in indices if not 0 <= index < len(candidates)]
-        if bad:  # checked before any fit, so a bad index never leaves half the work done
-            shown = ", ".join(map(str, bad))
-            raise BadInput(f"candidate {shown} is out of range: the plan has {len(candidates)} candidates.")
-        if not 0 <= iteration < plan.n_rounds:
-            raise BadInput(f"round {iteration} is out of range: the plan has {plan.n_rounds} round(s).")
-        for index in indices:
-            candidate = plan.row(iteration, index)
-            row = {"index": index, "iter": iteration, "label": candidate["label"], "params": candidate["params"]}
-            stored = store.get_result(candidate["key"])
-            if stored is not None:  # the same key may have been stored by an equal candidate: this row names itself
-                results.append({**stored, **row, "from_store": True})
-                continue
-            if loaded is None:
-                loaded = (
-                    data.read_table(_verified_path(plan, store, "X", cache)),
-                    data.read_table(_verified_path(plan, store, "y", cache)),
-                    data.read_folds(_verified_path(plan, store, candidate["folds"], cache)),
-                )
-            X, y, folds = loaded
-            if fit_params is None:
-                fit_params = _fit_params(plan, store, cache)
-            estimator = grid.build_estimator(spec, candidate["params"])
-            capped = _cap_n_jobs(estimator, cv.budget(spec.resources.cpu, len(folds))[1], spec, index)
-            started = time.perf_counter()
-            scores = cv.evaluate(
-                estimator,
-                X,
-                y,
-                folds,
-                scoring=scoring_spec.scorers(spec),
-                metric_names=spec.metric_names,
-                error_score=spec.error_score,
-                return_train_score=spec.return_train_score,
-                cpu=spec.resources.cpu,
-                fit_params=fit_params,
-                timeout=spec.resources.timeout,
-                timeout_text=spec.resources.timeout_text,
+        inputs = _Inputs(plan, store, cache)
+        groups: list[list[dict[str, Any]]] = [[row] for row in pending]
+        if spec.resources.timeout is None:  # a timeout runs each fold in its own process: no chains
+            chained, alone = chains.find(pending, lambda params: grid.build_estimator(spec, params))
+            groups = [*chained, *([row] for row in alone)]
+        for group in groups:
+            for result in _evaluate_group(plan, group, inputs):
+                store.put_result(result["key"], result)
+                done[result["index"]] = {**result, "from_store": False}
+    return {"plan_id": plan.plan_id, "results": [done[row["index"]] for row in rows]}
+
+
+def _names(row: dict[str, Any]) -> dict[str, Any]:
+    return {"index": row["index"], "iter": row["iter"], "label": row["label"], "params": row["params"]}
+
+
+class _Inputs:
+    """The round's snapshot files, read (and verified) on first use: a worker serving only stored results
+    reads nothing."""
+
+    def __init__(self, plan: Any, store: Any, cache: str) -> None:
+        self.plan, self.store, self.cache = plan, store, cache
+        self._loaded: tuple[Any, Any, Any, dict[str, Any]] | None = None
+
+    def get(self, folds_name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+        from airflow_grid import data
+
+        if self._loaded is None:
+            plan, store, cache = self.plan, self.store, self.cache
+            self._loaded = (
+                data.read_table(_verified_path(plan, store, "X", cache)),
+                data.read_table(_verified_path(plan, store, "y", cache)),
+                data.read_folds(_verified_path(plan, store, folds_name, cache)),
+                _fit_params(plan, store, cache),
             )
-            result = {
-                "key": candidate["key"],
-                **row,
-                **scores,
-                "elapsed_s": time.perf_counter() - started,
-                "peak_rss_bytes": _peak_rss_bytes(),
-                "n_jobs_capped": capped,
-                "sklearn_version": plan.document["sklearn_version"],
-                "versions": plan.document["versions"],
-            }
-            store.put_result(candidate["key"], result)
-            results.append({**result, "from_store": False})
-    return {"plan_id": plan.plan_id, "results": results}
+        return self._loaded
+
+
+def _evaluate_group(plan: Any, group: list[dict[str, Any]], inputs: _Inputs) -> list[dict[str, Any]]:
+    """Evaluate one candidate, or a warm-start chain (ascending sizes), into results ready for the store."""
+    from airflow_grid import chains, cv, grid, scoring_spec
+
+    spec = plan.spec
+    X, y, folds, fit_params = inputs.get(group[0]["folds"])
+    estimator = grid.build_estimator(spec, group[0]["params"])
+    capped = _cap_n_jobs(estimator, cv.budget(spec.resources.cpu, len(folds))[1], spec, group[0]["index"])
+    common: dict[str, Any] = {
+        "scoring": scoring_spec.scorers(spec),
+        "metric_names": spec.metric_names,
+        "error_score": spec.error_score,
+        "return_train_score": spec.return_train_score,
+        "cpu": spec.resources.cpu,
+        "fit_params": fit_params,
+    }
+    started = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if len(group) == 1:
+        timeout = {"timeout": spec.resources.timeout, "timeout_text": spec.resources.timeout_text}
+        all_scores = [cv.evaluate(estimator, X, y, folds, **timeout, **common)]
+    else:
+        name = str(chains.size_param(group[0]["params"]))
+        sizes = [int(row["params"][name]) for row in group]
+        all_scores = cv.evaluate_chain(estimator, name, sizes, X, y, folds, **common)
+        extra["chain"] = {"param": name, "sizes": sizes}  # fit_time is cumulative along the chain
+    elapsed = time.perf_counter() - started
+    return [
+        {
+            "key": row["key"],
+            **_names(row),
+            **scores,
+            **extra,
+            "elapsed_s": elapsed,
+            "peak_rss_bytes": _peak_rss_bytes(),
+            "n_jobs_capped": capped,
+            "sklearn_version": plan.document["sklearn_version"],
+            "versions": plan.document["versions"],
+        }
+        for row, scores in zip(group, all_scores, strict=True)
+    ]
 
 
 def refit_candidate(plan_uri: str, index: int, model_path: str, iteration: int = 0) -> dict[str, Any]:

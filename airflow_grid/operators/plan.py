@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_grid import lineage, overrides, randomness, settings
 from airflow_grid import policy as trust
-from airflow_grid.plan import deal, make_plan, work_items
+from airflow_grid.plan import make_plan, work_items
 from airflow_grid.policy import DATA_PATH_VARIABLES
 from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -88,11 +88,11 @@ class PlanGridSearchOperator(BaseOperator):
         self._lineage = lineage.plan_lineage(plan.document, version)
         self._check_rounds(plan.n_rounds, spec.strategy)
         candidates = plan.candidates
-        groups = deal(list(range(len(candidates))), params.get("max_parallel"))
+        items = work_items(plan, 0, list(range(len(candidates))), params.get("max_parallel"))
         max_map_length = conf.getint("core", "max_map_length", fallback=1024)
-        if len(groups) > max_map_length:
+        if len(items) > max_map_length:
             raise AirflowFailException(
-                f"the grid has {len(groups)} evaluate tasks, more than [core] max_map_length={max_map_length}. "
+                f"the grid has {len(items)} evaluate tasks, more than [core] max_map_length={max_map_length}. "
                 "Fix: set the max_parallel param (candidates are then grouped into that many tasks), shrink the "
                 "grid, or raise max_map_length."
             )
@@ -107,10 +107,9 @@ class PlanGridSearchOperator(BaseOperator):
             "overrides": applied,
         }
         context["ti"].xcom_push(key="plan", value=summary)
-        items = work_items(plan, 0, list(range(len(candidates))), params.get("max_parallel"))
         self.log.info(
             "Planned %s: %d candidates x %d folds = %d fits in %d tasks; dataset version %s (from %s); overrides %s",
-            spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(groups), version, source,
+            spec.name, len(candidates), plan.n_splits, plan.document["n_fits"], len(items), version, source,
             applied or "none",
         )  # fmt: skip
         unseeded = plan.document.get("unseeded") or []  # absent in plans written before the field existed
