@@ -180,6 +180,44 @@ def evaluate_chain(
     ]
 
 
+def evaluate_shared_prefix(
+    estimators: list[Any],
+    X: Any,
+    y: Any,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    scoring: str | list[str] | dict[str, Any] | None,
+    metric_names: list[str],
+    error_score: float | str,
+    return_train_score: bool,
+    cpu: float,
+    fit_params: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Pipelines sharing every step but the last (see :mod:`airflow_grid.prefixes`): one result per pipeline, each
+    as :func:`evaluate` gives it alone; the prefix is fitted once per fold, folds in parallel within the budget."""
+    from sklearn.metrics import check_scoring
+    from threadpoolctl import threadpool_limits
+
+    from airflow_grid import prefixes
+
+    if fit_params:
+        raise ValueError("shared prefixes take no fit params: route those candidates through evaluate().")
+    n_jobs, threads = budget(cpu, len(folds))
+    os.environ.update(thread_env(threads))
+    scorers = check_scoring(estimators[0], scoring=scoring, raise_exc=(error_score == "raise"))  # as cross_validate
+    with threadpool_limits(limits=threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fits' own warnings; failures are reported per candidate below
+        per_candidate = prefixes.fit_group(
+            estimators, X, y, folds, scorers=scorers, return_train_score=return_train_score,
+            error_score=error_score, n_jobs=n_jobs,
+        )  # fmt: skip
+    common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}
+    return [
+        evaluate(estimator, X, y, folds, return_train_score=return_train_score, outputs=outputs, **common)
+        for estimator, outputs in zip(estimators, per_candidate, strict=True)
+    ]
+
+
 def _renamed_from(failure: ValueError) -> BaseException | None:
     """The estimator's own error when cross_validate re-raised it under its name.
 

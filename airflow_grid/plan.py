@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from airflow_grid import chains, data, grid, halving, randomness, versions
+from airflow_grid import chains, data, grid, halving, prefixes, randomness, versions
 from airflow_grid.policy import Policy
 from airflow_grid.spec import SearchSpec, content_hash, parse_spec
 from airflow_grid.store import Store, bytes_check
@@ -324,19 +324,27 @@ def work_items(plan: Plan, iteration: int, indices: list[int], max_parallel: int
 
 
 def units(plan: Plan, iteration: int, indices: list[int]) -> list[list[int]]:
-    """A round's units of work: each warm-start chain (candidates differing only in an ensemble's size, see
-    :mod:`airflow_grid.chains`) together in ascending size, every other candidate alone; in candidate order.
-
-    With ``units: candidate`` in the spec, or a ``resources.timeout``, every candidate is its own unit.
-    """
-    spec = plan.spec
-    if spec.units == "candidate" or spec.resources.timeout is not None:
-        return [[index] for index in indices]
+    """A round's units of work (see :func:`share`), as candidate indices."""
     rows = [plan.row(iteration, index) for index in indices]
-    chained, alone = chains.find(rows, lambda params: grid.build_estimator(spec, params))
-    found = [[row["index"] for row in chain] for chain in chained] + [[row["index"]] for row in alone]
-    order = {index: position for position, index in enumerate(indices)}
-    return sorted(found, key=lambda unit: min(order[index] for index in unit))
+    return [[row["index"] for row in group] for _, group in share(plan.spec, rows)]
+
+
+def share(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Rows grouped into units of work whose shared work gives the same scores, in the rows' order:
+
+    ``("chain", rows)``: a warm-start chain in ascending size (:mod:`airflow_grid.chains`); ``("prefix", rows)``:
+    pipelines sharing every step but the last (:mod:`airflow_grid.prefixes`; not with fit params);
+    ``("alone", [row])``: everything else. With ``units: candidate`` in the spec, or a ``resources.timeout``,
+    every row is alone.
+    """
+    if spec.units == "candidate" or spec.resources.timeout is not None:
+        return [("alone", [row]) for row in rows]
+    chained, rest = chains.find(rows, lambda params: grid.build_estimator(spec, params))
+    final = None if spec.fit_params else prefixes.final_step(grid.build_estimator(spec))
+    shared, rest = prefixes.find(rest, final)
+    groups = [("chain", c) for c in chained] + [("prefix", g) for g in shared] + [("alone", [r]) for r in rest]
+    order = {row["index"]: position for position, row in enumerate(rows)}
+    return sorted(groups, key=lambda group: min(order[row["index"]] for row in group[1]))
 
 
 def deal(units: list[list[int]], max_parallel: int | None) -> list[list[int]]:

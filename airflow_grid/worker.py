@@ -38,10 +38,10 @@ def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -
     """Evaluate candidates of a plan in one round, serving any already in the store; returns ``{"results": [...]}``.
 
     ``iteration`` is the successive-halving round (0 for grid and random searches): it sets the resource.
-    Candidates that differ only in an ensemble's size are fitted as one warm-start chain per fold (see
-    :mod:`airflow_grid.chains`; same scores), unless ``resources.timeout`` is set.
+    Candidates whose work is provably shared are evaluated together (:func:`airflow_grid.plan.share`: warm-start
+    chains, shared pipeline prefixes; same scores), unless ``units: candidate`` or ``resources.timeout`` is set.
     """
-    from airflow_grid import chains, grid
+    from airflow_grid.plan import share
     from airflow_grid.store import Store
 
     plan = _load(plan_uri)
@@ -64,12 +64,8 @@ def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -
     pending = [row for row in rows if row["index"] not in done]
     with tempfile.TemporaryDirectory(prefix="airflow-grid-") as cache:
         inputs = _Inputs(plan, store, cache)
-        groups: list[list[dict[str, Any]]] = [[row] for row in pending]
-        if spec.resources.timeout is None:  # a timeout runs each fold in its own process: no chains
-            chained, alone = chains.find(pending, lambda params: grid.build_estimator(spec, params))
-            groups = [*chained, *([row] for row in alone)]
-        for group in groups:
-            for result in _evaluate_group(plan, group, inputs):
+        for kind, group in share(spec, pending):  # warm-start chains, shared prefixes, the rest alone
+            for result in _evaluate_group(plan, kind, group, inputs):
                 store.put_result(result["key"], result)
                 done[result["index"]] = {**result, "from_store": False}
     return {"plan_id": plan.plan_id, "results": [done[row["index"]] for row in rows]}
@@ -101,8 +97,8 @@ class _Inputs:
         return self._loaded
 
 
-def _evaluate_group(plan: Any, group: list[dict[str, Any]], inputs: _Inputs) -> list[dict[str, Any]]:
-    """Evaluate one candidate, or a warm-start chain (ascending sizes), into results ready for the store."""
+def _evaluate_group(plan: Any, kind: str, group: list[dict[str, Any]], inputs: _Inputs) -> list[dict[str, Any]]:
+    """Evaluate one candidate, a warm-start chain or a shared-prefix group, into results ready for the store."""
     from airflow_grid import chains, cv, grid, scoring_spec
 
     spec = plan.spec
@@ -119,9 +115,15 @@ def _evaluate_group(plan: Any, group: list[dict[str, Any]], inputs: _Inputs) -> 
     }
     started = time.perf_counter()
     extra: dict[str, Any] = {}
-    if len(group) == 1:
+    if kind == "alone":
         timeout = {"timeout": spec.resources.timeout, "timeout_text": spec.resources.timeout_text}
         all_scores = [cv.evaluate(estimator, X, y, folds, **timeout, **common)]
+    elif kind == "prefix":
+        estimators = [estimator] + [grid.build_estimator(spec, row["params"]) for row in group[1:]]
+        for row, other in zip(group[1:], estimators[1:], strict=True):
+            _cap_n_jobs(other, cv.budget(spec.resources.cpu, len(folds))[1], spec, row["index"])
+        all_scores = cv.evaluate_shared_prefix(estimators, X, y, folds, **common)
+        extra["shared_prefix"] = [name for name, _ in estimators[0].steps[:-1]]  # fit_time includes the prefix's
     else:
         name = str(chains.size_param(group[0]["params"]))
         sizes = [int(row["params"][name]) for row in group]
