@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from airflow_grid import launch, leaderboard, randomness, results, versions
+from airflow_grid import launch, leaderboard, pool, randomness, results, versions
 from airflow_grid.plan import Plan, deal, make_plan, units
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -194,9 +194,9 @@ def evaluate_all(
 ) -> list[dict[str, Any]]:
     """Every row's result in row order (default: every candidate): stored ones read, the rest run as workers.
 
-    ``rows`` are :meth:`Plan.row` of one round. ``per_process`` candidates share one worker process, amortising
-    its ~1.5 s of imports over several fits. Each process runs inside the spec's CPU budget and its memory budget
-    (``resources.memory``, all its processes).
+    ``rows`` are :meth:`Plan.row` of one round. Units of work go to ``parallel`` long-lived workers
+    (:mod:`airflow_grid.pool`), ``per_process`` candidates' worth at a time. Each worker runs inside the spec's CPU
+    budget and its memory budget (``resources.memory``, all its processes).
     """
     candidates = rows if rows is not None else [plan.row(0, c["index"]) for c in plan.candidates]
     iteration = candidates[0]["iter"] if candidates else 0
@@ -212,52 +212,30 @@ def evaluate_all(
             done[candidate["index"]] = {**stored, **_row(candidate), "from_store": True}
             _progress(len(done) + len(failures), len(candidates), candidate, done[candidate["index"]])
 
-    # Units of work as the DAG runs them (a warm-start chain is one), per_process candidates' worth per process.
+    # Units of work as the DAG runs them (a warm-start chain is one); per_process candidates' worth per request,
+    # handed to a pool of long-lived workers (one per parallel slot: start-up paid once per slot).
     by_index = {candidate["index"]: candidate for candidate in pending}
-    pending_units = units(plan, iteration, list(by_index))
-    n_chunks = max(1, -(-len(pending) // max(1, per_process))) if pending else 0
-    chunks = [[by_index[i] for i in group] for group in deal(pending_units, n_chunks)]  # dealt: costly ones spread
+    n_requests = max(1, -(-len(pending) // max(1, per_process))) if pending else 0
+    requests = [
+        {"indices": group, "round": iteration} for group in deal(units(plan, iteration, list(by_index)), n_requests)
+    ]
     with tempfile.TemporaryDirectory(prefix="airflow-grid-run-") as scratch:
-        running: dict[int, tuple[subprocess.Popen[bytes], Path, Any, list[dict[str, Any]]]] = {}
-        while chunks or running:
-            while chunks and len(running) < parallel:
-                chunk = chunks.pop(0)
-                first = chunk[0]["index"]
-                out_path = Path(scratch) / f"{first}.json"
-                log = open(Path(scratch) / f"{first}.log", "w+b")  # noqa: SIM115 (closed below)
-                command = launch.worker_command(
-                    "evaluate",
-                    plan.uri,
-                    [c["index"] for c in chunk],
-                    out=str(out_path),
-                    memory_bytes=memory,
-                    round_=iteration,
-                )
-                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=launch.worker_env(cpu))
-                running[first] = (process, out_path, log, chunk)
-            time.sleep(0.05)
-            for first, (process, out_path, log, chunk) in list(running.items()):
-                if process.poll() is None:
-                    continue
-                del running[first]
-                log.seek(0)
-                output = log.read().decode(errors="replace")
-                log.close()
-                if process.returncode == 0:
-                    for result in json.loads(out_path.read_text())["results"]:
-                        done[result["index"]] = result
-                else:
-                    # The worker stores each candidate as it finishes: read back what this process completed.
-                    tail = "\n".join(output.strip().splitlines()[-40:])
-                    for candidate in chunk:
-                        stored = store.get_result(candidate["key"])
-                        if stored is not None:
-                            done[candidate["index"]] = {**stored, **_row(candidate), "from_store": False}
-                        else:
-                            failures[candidate["index"]] = tail or f"worker exited with {process.returncode}"
+        outcomes = pool.run(plan.uri, requests, slots=parallel, cpu=cpu, memory_bytes=memory, scratch=Path(scratch))
+        for outcome in outcomes:
+            chunk = [by_index[i] for i in outcome.request["indices"]]
+            if outcome.payload is not None and "results" in outcome.payload:
+                for result in outcome.payload["results"]:
+                    done[result["index"]] = result
+            else:  # the worker stores each candidate as it finishes: read back what it completed
+                why = outcome.failure or f"bad input: {(outcome.payload or {}).get('bad_input')}"
                 for candidate in chunk:
-                    index = candidate["index"]
-                    _progress(len(done) + len(failures), len(candidates), candidate, done.get(index))
+                    stored = store.get_result(candidate["key"])
+                    if stored is not None:
+                        done[candidate["index"]] = {**stored, **_row(candidate), "from_store": False}
+                    else:
+                        failures[candidate["index"]] = why
+            for candidate in chunk:
+                _progress(len(done) + len(failures), len(candidates), candidate, done.get(candidate["index"]))
     if failures:
         labels = {c["index"]: c["label"] for c in candidates}
         details = "\n".join(f"--- candidate {i} ({labels[i]}):\n{text}" for i, text in failures.items())

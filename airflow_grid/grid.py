@@ -7,6 +7,8 @@ exist on the estimator before any work starts.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import re
 import warnings
@@ -20,7 +22,15 @@ from sklearn.base import BaseEstimator, clone
 from sklearn.model_selection import ParameterGrid, ParameterSampler
 
 from airflow_grid import versions as library_versions
-from airflow_grid.spec import SAMPLED_STRATEGIES, TARGET_KEY, SearchSpec, SpecError, build, content_hash, is_object_spec
+from airflow_grid.spec import (
+    SAMPLED_STRATEGIES,
+    TARGET_KEY,
+    SearchSpec,
+    SpecError,
+    build,
+    canonical_json,
+    is_object_spec,
+)
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,10 @@ def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
         raise SpecError(
             "estimator", f"{type(error).__name__}: {error}", "give pipeline steps as [name, {_target_: ...}] pairs."
         ) from None
+    checked: set[tuple[str, str, str, Any]] = set()
     for candidate in candidates:
+        if not _news(candidate.params, checked):
+            continue  # every (structure, parameter, value) of it was validated on an earlier candidate
         prefix = _grid_path(spec, candidate.index, candidate.params)
         built = {name: build(value, f"{prefix}.{name}", spec.policy) for name, value in candidate.params.items()}
         try:
@@ -88,6 +101,28 @@ def check_candidates(spec: SearchSpec, candidates: list[Candidate]) -> None:
         except Exception as error:
             match = _INVALID_VALUE.search(str(error))
             raise _candidate_error(spec, candidate, prefix, match[1] if match else None, "has", error) from None
+
+
+def _news(params: Mapping[str, Any], checked: set[tuple[str, str, str, Any]]) -> bool:
+    """Record the candidate's (structure, parameter, value) triples; True if any is new.
+
+    scikit-learn validates each parameter on its own against the estimator that owns it, and which estimator owns
+    it is decided by the structure: the object-valued parameters (a swapped step, a kernel) and list/mapping values.
+    So a scalar value valid in one candidate is valid in every candidate of the same structure, and a grid of
+    100,000 candidates is validated in as many candidates as it has distinct values. The first candidate to bring
+    a bad value is the one checked, so the error names the same candidate as checking them all would.
+    """
+    shaped = {k: v for k, v in params.items() if type(v) not in _PLAIN and isinstance(v, Mapping | list)}
+    structure = canonical_json(shaped) if shaped else ""
+    triples = {(structure, name, type(value).__name__, _hashable(value)) for name, value in params.items()}
+    triples = triples or {(structure, "", "", "")}
+    new = not triples <= checked
+    checked.update(triples)
+    return new
+
+
+def _hashable(value: Any) -> Any:
+    return value if type(value) in _PLAIN or not isinstance(value, Mapping | list) else canonical_json(value)
 
 
 def _candidate_error(
@@ -271,12 +306,27 @@ def candidate_key(
     upgrade or a new result layout never serves an old result. ``resources.timeout`` can turn a score into
     error_score, so it is in the key, but only when set: keys of specs without a timeout are unchanged.
     """
+    return key_maker(spec, folds_hash, data_fingerprint, versions, result_format)(params)
+
+
+_PARAMS_SLOT = "\x00params\x00"
+
+
+def key_maker(
+    spec: SearchSpec,
+    folds_hash: str,
+    data_fingerprint: str,
+    versions: Mapping[str, str],
+    result_format: int | None = None,
+) -> Any:
+    """``params -> key`` for one plan: the canonical JSON of everything but the params is made once, and each
+    candidate's params are spliced into it, so the string hashed is exactly :func:`candidate_key`'s."""
     timeout = {} if spec.resources.timeout is None else {"timeout_s": repr(spec.resources.timeout)}
-    return content_hash(
+    fixed = canonical_json(
         {
             **timeout,
             "estimator": spec.estimator,
-            "params": params,
+            "params": _PARAMS_SLOT,
             "folds": folds_hash,
             "scoring": spec.scoring,
             "error_score": "raise" if spec.error_score == "raise" else repr(spec.error_score),
@@ -286,6 +336,12 @@ def candidate_key(
             "result_format": library_versions.RESULT_FORMAT if result_format is None else result_format,
         }
     )
+    before, after = fixed.split(canonical_json(_PARAMS_SLOT), 1)
+
+    def key(params: dict[str, Any]) -> str:
+        return hashlib.sha256(f"{before}{canonical_json(params)}{after}".encode()).hexdigest()
+
+    return key
 
 
 def candidate_label(params: dict[str, Any]) -> str:
@@ -293,14 +349,24 @@ def candidate_label(params: dict[str, Any]) -> str:
 
     A prefix is kept where dropping it would make two names equal (``pca__n_components``, ``svd__n_components``).
     """
-    shorts = {name: name.rsplit("__", 1)[-1] for name in params}
+    names = _display_names(tuple(sorted(params)))
+    return " ".join(f"{shown}={_short_value(params[name])}" for name, shown in names)
+
+
+@functools.lru_cache(maxsize=1024)
+def _display_names(names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """(name, shown) in sorted order: the name without its step prefixes unless that would be ambiguous."""
+    shorts = {name: name.rsplit("__", 1)[-1] for name in names}
     counts = Counter(shorts.values())
-    return " ".join(
-        f"{shorts[name] if counts[shorts[name]] == 1 else name}={_short_value(params[name])}" for name in sorted(params)
-    )
+    return tuple((name, shorts[name] if counts[shorts[name]] == 1 else name) for name in names)
+
+
+_PLAIN = (int, str, bool, type(None))
 
 
 def _short_value(value: Any) -> str:
+    if type(value) in _PLAIN:
+        return str(value)
     if is_object_spec(value):
         return str(value[TARGET_KEY]).rsplit(".", 1)[-1]
     if isinstance(value, float) and math.isfinite(value) and value == int(value) and abs(value) < 1e15:

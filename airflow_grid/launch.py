@@ -19,7 +19,7 @@ WORKER_MODULE = "airflow_grid.worker"
 # The worker's memory budget in bytes when --memory-limit is absent (pods: the container's limit, raised on retry).
 MEMORY_ENV = "AIRFLOW_GRID_MEMORY_BYTES"
 
-Action = Literal["evaluate", "refit"]
+Action = Literal["evaluate", "refit", "serve"]
 
 
 def worker_arguments(
@@ -37,12 +37,18 @@ def worker_arguments(
     ``round_`` is the successive-halving round of the candidates (omitted when 0, the only round of the others).
     """
     indices = [candidates] if isinstance(candidates, int) else list(candidates)
-    if not indices:
+    if action == "serve":  # the candidates come as requests on stdin (see airflow_grid.worker.serve)
+        if indices or out is not None or model is not None:
+            raise ValueError("worker serve takes no candidates, out or model: they come as requests on stdin.")
+        indices_given: list[int] = []
+    elif not indices:
         raise ValueError(f"worker {action}: no candidate index given.")
+    else:
+        indices_given = indices
     if action == "refit" and (len(indices) != 1 or model is None):
         raise ValueError(f"worker refit takes one candidate and a model path, got {indices} and model={model!r}.")
     arguments: list[str] = [action, "--plan", plan_uri]
-    for index in indices:
+    for index in indices_given:
         arguments += ["--candidate", str(int(index))]
     if round_:
         arguments += ["--round", str(int(round_))]

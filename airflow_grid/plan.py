@@ -202,6 +202,7 @@ def _document(
 ) -> tuple[dict[str, Any], dict[str, tuple[str, bytes]]]:
     """plan.json's content (less plan_id, n_fits, extra_allowed) and its snapshot files as (path, bytes)."""
     data_fingerprint, folds_hash, library_versions = identity["data"], identity["folds"], identity["versions"]
+    key = grid.key_maker(spec, folds_hash, data_fingerprint, library_versions)
     parts = {"X": dataset.X, "y": dataset.y, "X_holdout": dataset.X_holdout, "y_holdout": dataset.y_holdout}
     payloads = {
         name: (f"{directory}/{data.table_filename(name, part)}", data.table_bytes(part))
@@ -229,13 +230,7 @@ def _document(
         "sklearn_version": library_versions["scikit-learn"],  # kept for readers of the previous layout
         "resources": spec.resources.to_json(),
         "unseeded": randomness.unseeded(spec, candidates),  # what a fresh run may score differently; not in plan_id
-        "candidates": [
-            {
-                **candidate.to_json(),
-                "key": grid.candidate_key(spec, candidate.params, folds_hash, data_fingerprint, library_versions),
-            }
-            for candidate in candidates
-        ],
+        "candidates": [{**candidate.to_json(), "key": key(candidate.params)} for candidate in candidates],
         "files": {
             name: payloads[name][0] if name in payloads else None
             for name in [*parts, "folds", *(n for n in fit_parts if n in payloads)]

@@ -34,7 +34,7 @@ class BadInput(Exception):
     """The plan or the candidate index is unusable: retrying cannot help."""
 
 
-def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -> dict[str, Any]:
+def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0, plan: Any = None) -> dict[str, Any]:
     """Evaluate candidates of a plan in one round, serving any already in the store; returns ``{"results": [...]}``.
 
     ``iteration`` is the successive-halving round (0 for grid and random searches): it sets the resource.
@@ -44,7 +44,7 @@ def evaluate_candidates(plan_uri: str, indices: list[int], iteration: int = 0) -
     from airflow_grid.plan import share
     from airflow_grid.store import Store
 
-    plan = _load(plan_uri)
+    plan = plan or _load(plan_uri)
     _check_versions(plan)  # before anything is served or fitted: this worker's keys must be the plan's keys
     spec = plan.spec
     store = Store(plan.store_root)
@@ -317,6 +317,38 @@ def _guard_memory(limit: int) -> Any:
     return limits.MemoryWatchdog(limit, limits.exit_out_of_memory(EXIT_OUT_OF_MEMORY)).start()
 
 
+def serve(plan_uri: str, requests: Any, replies: Any) -> int:
+    """``serve``: evaluate request after request in one process, paying the start-up (imports, plan) once.
+
+    ``airflow-grid run`` keeps one such worker per parallel slot. Each request line is ``{"indices": [...],
+    "round": r}``; each reply line is what ``evaluate`` would write, or ``{"bad_input": message}``. Any other
+    failure ends the process as ``evaluate`` would end (exit 1, 3 out of memory) with no reply for the request in
+    flight; its finished candidates are in the store. End of input: exit 0.
+    """
+    plan = None
+    for line in requests:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        try:
+            plan = plan or _load(plan_uri)
+            payload = evaluate_candidates(plan_uri, list(request["indices"]), int(request.get("round", 0)), plan)
+        except BadInput as error:
+            payload = {"bad_input": str(error)}
+        replies.write(json.dumps(payload, allow_nan=True) + "\n")
+        replies.flush()
+    return 0
+
+
+def _protocol_stdout() -> Any:
+    """The original stdout for protocol lines; fd 1 (print, C libraries) then goes to stderr, so nothing else can
+    interleave with a reply."""
+    replies = os.fdopen(os.dup(1), "w")
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    return replies
+
+
 def write_output(payload: dict[str, Any], out: str | None) -> None:
     """Write the result JSON atomically (a reader, such as KPO's xcom sidecar, never sees half of it)."""
     text = json.dumps(payload, allow_nan=True)
@@ -340,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--out", help="result JSON path (default: stdout)")
     memory_help = "memory budget in bytes for all the worker's processes (default: $AIRFLOW_GRID_MEMORY_BYTES)"
     evaluate.add_argument("--memory-limit", type=int, help=memory_help)
+    server = commands.add_parser("serve", help="evaluate requests read from stdin, one JSON line each")
+    server.add_argument("--plan", required=True, help="plan URI (store root/plans/<plan_id>)")
+    server.add_argument("--memory-limit", type=int, help=memory_help)
     refit = commands.add_parser("refit", help="fit a candidate on the whole search data")
     refit.add_argument("--plan", required=True)
     refit.add_argument("--candidate", type=int, required=True)
@@ -352,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     watchdog = None
     try:
         watchdog = _guard_memory(memory_limit) if memory_limit else None
+        if args.command == "serve":
+            return serve(args.plan, sys.stdin, _protocol_stdout())
         if args.command == "evaluate":
             payload = evaluate_candidates(args.plan, args.candidate, args.round)
         else:

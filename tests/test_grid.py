@@ -306,3 +306,33 @@ def test_plan_keys_are_shared_by_equal_candidates_of_different_grids(iris_doc: D
     small, _ = _plan_keys(iris_doc(param_grid={"clf__C": [0.1, 1, 10]}), tmp_path / "small")
     large, _ = _plan_keys(iris_doc(param_grid={"clf__C": [0.01, 0.1, 1, 10]}), tmp_path / "large")
     assert large[1:] == small  # a widened grid reuses the results it already has
+
+
+@pytest.mark.parametrize(
+    ("steps", "bad"),
+    [
+        (["sklearn.linear_model.LogisticRegression", "sklearn.svm.SVC"], 0),
+        (["sklearn.svm.SVC", "sklearn.linear_model.LogisticRegression"], 1),  # valid for SVC: checked again for LR
+    ],
+)
+def test_values_are_validated_once_per_structure(iris_doc: Doc, steps: list[str], bad: int) -> None:
+    """max_iter=-1 means "no limit" to SVC but is invalid for LogisticRegression: a value checked valid under one
+    estimator is checked again under another, and the error names the first candidate that has it."""
+    spec = parse_spec(iris_doc(param_grid={"clf": [{"_target_": t} for t in steps], "clf__max_iter": [100, -1]}))
+    candidates = grid.expand(spec)
+    with pytest.raises(SpecError, match=rf"candidate {2 * bad + 1} \(.*max_iter=-1\) has an invalid value"):
+        grid.check_candidates(spec, candidates)
+
+
+def test_a_large_grid_is_validated_in_as_many_candidates_as_it_has_values(
+    iris_doc: Doc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checked: list[int] = []
+    validate = grid.validate_values
+    monkeypatch.setattr(grid, "validate_values", lambda e, **kw: checked.append(1) or validate(e, **kw))
+    spec = parse_spec(iris_doc(param_grid={"clf__C": [0.1 * i for i in range(1, 41)], "clf__tol": [1e-3, 1e-4] * 1}))
+    grid.check_candidates(spec, grid.expand(spec))
+    assert len(checked) == 1 + 40 + 1  # the structure, one candidate per new C, one for the second tol
+    bad = parse_spec(iris_doc(param_grid={"clf__C": [0.1 * i for i in range(1, 41)], "clf__tol": [1e-3, -1.0]}))
+    with pytest.raises(SpecError, match=r"candidate 1 \(.*tol=-1\) has an invalid value"):
+        grid.check_candidates(bad, grid.expand(bad))

@@ -26,6 +26,10 @@ CORE_MODULES = [
     "airflow_grid.timeouts",
     "airflow_grid.leaderboard",
     "airflow_grid.randomness",
+    "airflow_grid.halving",
+    "airflow_grid.chains",
+    "airflow_grid.prefixes",
+    "airflow_grid.pool",
 ]
 
 

@@ -120,7 +120,7 @@ def test_on_kill_terminates_a_running_refit_worker(tmp_path: Path) -> None:
 
     def refit() -> None:
         try:
-            operator._run_refit(plan.uri, 0, tmp_path / "model.joblib", 1.0, 2**31)
+            operator._run_refit(plan.uri, plan.row(0, 0), tmp_path / "model.joblib", 1.0, 2**31)
         except BaseException as error:
             raised.append(error)
 

@@ -224,7 +224,7 @@ def test_refit_worker_stops_an_over_budget_fit(store_root: str, tmp_path: Path) 
     model = tmp_path / "model.joblib"
     operator = RefitWinnerOperator(task_id="refit", parent_run_id="unused")
     with pytest.raises(AirflowException, match=r"refit worker exited with 3: .*over resources.memory=400Mi"):
-        operator._run_refit(plan.uri, 0, model, 1.0, plan.spec.resources.memory_bytes)
+        operator._run_refit(plan.uri, plan.row(0, 0), model, 1.0, plan.spec.resources.memory_bytes)
     assert not model.exists()
 
 
