@@ -159,25 +159,16 @@ def evaluate_chain(
 ) -> list[dict[str, Any]]:
     """A warm-start chain (see :mod:`airflow_grid.chains`): one result per size, each as :func:`evaluate` gives it
     for that size alone; folds run in parallel within the same CPU budget."""
-    from sklearn.metrics import check_scoring
-    from threadpoolctl import threadpool_limits
-
     from airflow_grid import chains
 
-    n_jobs, threads = budget(cpu, len(folds))
-    os.environ.update(thread_env(threads))
-    scorers = check_scoring(estimator, scoring=scoring, raise_exc=(error_score == "raise"))  # as cross_validate
-    with threadpool_limits(limits=threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fits' own warnings; failures are reported per size below
-        per_size = chains.fit_chain(
+    def fit(scorers: Any, n_jobs: int) -> list[list[dict[str, Any]]]:
+        return chains.fit_chain(
             estimator, name, sizes, X, y, folds, scorers=scorers, fit_params=fit_params or None,
             return_train_score=return_train_score, error_score=error_score, n_jobs=n_jobs,
         )  # fmt: skip
+
     common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}
-    return [
-        evaluate(estimator, X, y, folds, return_train_score=return_train_score, outputs=outputs, **common)
-        for outputs in per_size
-    ]
+    return _shared(fit, [estimator] * len(sizes), X, y, folds, return_train_score=return_train_score, **common)
 
 
 def evaluate_shared_prefix(
@@ -195,22 +186,45 @@ def evaluate_shared_prefix(
 ) -> list[dict[str, Any]]:
     """Pipelines sharing every step but the last (see :mod:`airflow_grid.prefixes`): one result per pipeline, each
     as :func:`evaluate` gives it alone; the prefix is fitted once per fold, folds in parallel within the budget."""
-    from sklearn.metrics import check_scoring
-    from threadpoolctl import threadpool_limits
-
     from airflow_grid import prefixes
 
     if fit_params:
         raise ValueError("shared prefixes take no fit params: route those candidates through evaluate().")
+
+    def fit(scorers: Any, n_jobs: int) -> list[list[dict[str, Any]]]:
+        return prefixes.fit_group(
+            estimators, X, y, folds, scorers=scorers, return_train_score=return_train_score,
+            error_score=error_score, n_jobs=n_jobs,
+        )  # fmt: skip
+
+    common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}
+    return _shared(fit, estimators, X, y, folds, return_train_score=return_train_score, **common)
+
+
+def _shared(
+    fit: Any,
+    estimators: list[Any],
+    X: Any,
+    y: Any,
+    folds: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    scoring: Any,
+    metric_names: list[str],
+    error_score: float | str,
+    return_train_score: bool,
+    cpu: float,
+) -> list[dict[str, Any]]:
+    """Run ``fit(scorers, n_jobs) -> [candidate][fold] outputs`` inside the CPU budget, then assemble each
+    candidate's outputs as :func:`evaluate` (and so ``cross_validate``) would."""
+    from sklearn.metrics import check_scoring
+    from threadpoolctl import threadpool_limits
+
     n_jobs, threads = budget(cpu, len(folds))
     os.environ.update(thread_env(threads))
     scorers = check_scoring(estimators[0], scoring=scoring, raise_exc=(error_score == "raise"))  # as cross_validate
     with threadpool_limits(limits=threads), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fits' own warnings; failures are reported per candidate below
-        per_candidate = prefixes.fit_group(
-            estimators, X, y, folds, scorers=scorers, return_train_score=return_train_score,
-            error_score=error_score, n_jobs=n_jobs,
-        )  # fmt: skip
+        per_candidate = fit(scorers, n_jobs)
     common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}
     return [
         evaluate(estimator, X, y, folds, return_train_score=return_train_score, outputs=outputs, **common)
@@ -233,9 +247,16 @@ def _renamed_from(failure: ValueError) -> BaseException | None:
 def _all_failed_scores(
     n_folds: int, metric_names: list[str], error_score: float | str, return_train_score: bool, started: float
 ) -> dict[str, Any]:
-    fill = np.full(n_folds, float(error_score))
     per_fold = (time.perf_counter() - started) / n_folds
-    scores: dict[str, Any] = {"fit_time": np.full(n_folds, per_fold), "score_time": np.zeros(n_folds)}
+    return error_scores(np.full(n_folds, per_fold), metric_names, error_score, return_train_score)
+
+
+def error_scores(
+    fit_times: np.ndarray, metric_names: list[str], error_score: float | str, return_train_score: bool
+) -> dict[str, Any]:
+    """``cross_validate``-shaped scores of folds whose fits failed: ``error_score`` everywhere, their fit times."""
+    fill = np.full(len(fit_times), float(error_score))
+    scores: dict[str, Any] = {"fit_time": fit_times, "score_time": np.zeros(len(fit_times))}
     single = metric_names == ["score"]
     for metric in metric_names:
         scores["test_score" if single else f"test_{metric}"] = fill

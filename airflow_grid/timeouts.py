@@ -231,14 +231,9 @@ def _failed_fold(
     metric_names: list[str], error_score: float | str, return_train_score: bool, ran: float
 ) -> dict[str, Any]:
     """One fold's cross_validate-shaped scores for a fit that did not finish: error_score, and the time it ran."""
-    fill = np.asarray([float(error_score)])
-    scores: dict[str, Any] = {"fit_time": np.asarray([ran]), "score_time": np.zeros(1)}
-    single = metric_names == ["score"]
-    for metric in metric_names:
-        scores["test_score" if single else f"test_{metric}"] = fill
-        if return_train_score:
-            scores["train_score" if single else f"train_{metric}"] = fill
-    return scores
+    from airflow_grid.cv import error_scores
+
+    return error_scores(np.asarray([ran]), metric_names, error_score, return_train_score)
 
 
 def _warn_or_raise(errors: list[str | None], error_score: float | str, scores: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ Scores: every ``split<k>_test_*``, ``mean_test_*``, ``std_test_*``, ``rank_test_
 equal bit for bit as float64 arrays (NaN equals NaN), or the benchmark stops with the first difference.
 
 The GridSearchCV side is built from the spec through ``airflow_grid.spec``/``grid``/``data`` exactly as
-``benchmarks/run_vs_gridsearchcv.py`` does (same data, holdout, folds and estimator), so both sides run the same
+the worker sees them (same data, holdout, folds and estimator), so both sides run the same
 search. ``python benchmarks/paired.py sklearn SPEC --n-jobs 2 --out FILE`` is that side's process.
 """
 
