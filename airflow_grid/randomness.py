@@ -72,7 +72,7 @@ from typing import Any
 from sklearn.base import BaseEstimator
 
 from airflow_grid.grid import Candidate, build_estimator
-from airflow_grid.spec import SearchSpec, build, canonical_json, is_object_spec
+from airflow_grid.spec import SEARCH_CLASSES, SearchSpec, build, canonical_json, is_object_spec
 
 #: Parameters a rule reads: a grid over one of them can change a verdict, so candidates differing in it are
 #: walked apart. Any other numeric or string grid value cannot, and is not even set while walking.
@@ -91,11 +91,6 @@ RULE_PARAMS = frozenset(
     }
 )
 _COMPONENT_VALUES = ("passthrough", "drop")
-_SEARCH_CLASSES = {
-    "random": "RandomizedSearchCV",
-    "halving_grid": "HalvingGridSearchCV",
-    "halving_random": "HalvingRandomSearchCV",
-}
 _ADVICE = "Set random_state to make reruns reproducible."
 
 Entry = dict[str, Any]
@@ -362,7 +357,7 @@ def _search_finding(spec: SearchSpec) -> _Finding | None:
             why = f"samples the candidates{' and ' + why if why else ''}"
     else:
         why = "samples the candidates"
-    return "search", "search", _SEARCH_CLASSES.get(strategy, strategy), why, False
+    return "search", "search", SEARCH_CLASSES.get(strategy, strategy), why, False
 
 
 # --------------------------------------------------------------------------------------------------

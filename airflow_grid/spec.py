@@ -515,6 +515,15 @@ def _search_space(value: Any, field: str, item_fix: str, problem: str, fix: str)
     raise SpecError(field, problem, fix)
 
 
+def _check_values(param: str, values: list[Any], path: str, allowed: Policy) -> None:
+    """A parameter's list of values (a grid's, or a sampled list): not empty, each value within the policy."""
+    if not values:
+        raise SpecError(path, "got an empty list.", "give at least one value.")
+    for position, item in enumerate(values):
+        trust.check_parameter(param, item, f"{path}[{position}]", allowed)
+    check(values, path, allowed)
+
+
 def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]:
     """sklearn's grid semantics: a mapping or a list of mappings of non-empty lists."""
     checked: list[dict[str, list[Any]]] = []
@@ -533,11 +542,7 @@ def _parse_param_grid(value: Any, allowed: Policy) -> list[dict[str, list[Any]]]
                     f"got {_show(values)} ({type(values).__name__}); each parameter needs a list of values.",
                     f"single values need to be wrapped in a list with one element: [{_show(values)}].",
                 )
-            if not values:
-                raise SpecError(path, "got an empty list.", "give at least one value.")
-            for position, item in enumerate(values):
-                trust.check_parameter(str(param), item, f"{path}[{position}]", allowed)
-            check(values, path, allowed)
+            _check_values(str(param), values, path, allowed)
         checked.append(dict(grid))
     return checked
 
@@ -736,11 +741,7 @@ def _parse_param_distributions(value: Any, allowed: Policy) -> list[dict[str, An
                     "scipy.stats distribution.",
                     f"wrap a single value in a list: [{_show(values)}], or give {{_target_: scipy.stats...}}.",
                 )
-            if not values:
-                raise SpecError(path, "got an empty list.", "give at least one value.")
-            for position, item in enumerate(values):
-                trust.check_parameter(str(param), item, f"{path}[{position}]", allowed)
-            check(values, path, allowed)
+            _check_values(str(param), values, path, allowed)
         checked.append(dict(mapping))
     return checked
 
