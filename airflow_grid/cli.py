@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_grid import launch, leaderboard, pool, randomness, results, versions
-from airflow_grid.plan import Plan, deal, make_plan, units
+from airflow_grid.plan import Plan, make_plan, scheduled_units
 from airflow_grid.spec import SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
 
@@ -87,6 +87,7 @@ def run_command(args: argparse.Namespace) -> int:
     print(f"evaluated {n} candidates: {fitted} fitted, {n - fitted} from store", flush=True)
 
     cv_results, best_fields = plan.reduce(candidate_results, rounds)
+    plan.remember_costs(rounds, candidate_results)  # the next run of this study starts its slowest units first
     best = best_fields["best_index"]
     winner = plan.row(best_fields.get("best_iter", 0), best_fields.get("best_candidate", best))
     out = Path(args.out)
@@ -216,9 +217,9 @@ def evaluate_all(
     # handed to a pool of long-lived workers (one per parallel slot: start-up paid once per slot).
     by_index = {candidate["index"]: candidate for candidate in pending}
     n_requests = max(1, -(-len(pending) // max(1, per_process))) if pending else 0
-    requests = [
-        {"indices": group, "round": iteration} for group in deal(units(plan, iteration, list(by_index)), n_requests)
-    ]
+    # Not batched: the long-lived workers take the next request as they finish, which balances quick units as well.
+    groups = scheduled_units(plan, iteration, list(by_index), max_items=n_requests, batch=False)
+    requests = [{"indices": group, "round": iteration} for group in groups]  # the costliest first
     with tempfile.TemporaryDirectory(prefix="airflow-grid-run-") as scratch:
         outcomes = pool.run(plan.uri, requests, slots=parallel, cpu=cpu, memory_bytes=memory, scratch=Path(scratch))
         for outcome in outcomes:

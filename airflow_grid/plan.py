@@ -6,17 +6,21 @@ only the plan URI and an index: the same files give the same scores in a local p
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from airflow_grid import chains, data, grid, halving, prefixes, randomness, versions
+from airflow_grid import chains, costs, data, grid, halving, prefixes, randomness, versions
 from airflow_grid.policy import Policy
 from airflow_grid.spec import SearchSpec, content_hash, parse_spec
 from airflow_grid.store import Store, bytes_check
 
 PLAN_FILE = "plan.json"
+#: Tasks a Kubernetes round keeps at least when it batches quick units (pods run beside each other).
+KUBERNETES_MIN_ITEMS = 16
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,11 @@ class Plan:
             "folds": round_["folds"],
             "n_resources": round_["n_resources"],
         }
+
+    def remember_costs(self, rounds: list[list[int]], ordered_results: list[dict[str, Any]]) -> None:
+        """Record what each unit of work took, so the next plan of this study orders and batches by it."""
+        rows = [self.row(itr, index) for itr, indices in enumerate(rounds) for index in indices]
+        costs.remember(Store(self.store_root), self.spec, rows, ordered_results)
 
     def rounds(self, lookup: halving.Lookup) -> list[list[int]]:
         """Each round's candidate indices in cv_results_ order, as far as ``lookup(iter, index)`` has results."""
@@ -295,14 +304,15 @@ def load_plan(uri: str) -> Plan:
     return Plan(uri=uri, document=document)
 
 
-def work_items(plan: Plan, iteration: int, indices: list[int], max_parallel: int | None = None) -> list[dict[str, Any]]:
+def work_items(
+    plan: Plan, iteration: int, indices: list[int], max_parallel: int | None = None, min_items: int | None = None
+) -> list[dict[str, Any]]:
     """The mapped evaluate items of one round: ``{"plan_uri", "indices", "label", "cpu", "memory", "backend"}``
-    (and ``"round"`` after the first; ``"timeout"`` and ``"n_folds"`` with a ``resources.timeout``), one candidate
-    per unit of work (:func:`units`: a warm-start chain is one unit), or units dealt into at most ``max_parallel``
-    items."""
+    (and ``"round"`` after the first; ``"timeout"`` and ``"n_folds"`` with a ``resources.timeout``), one per task of
+    :func:`scheduled_units`: costliest first, quick units batched, at most ``max_parallel`` items."""
     spec = plan.spec
     items = []
-    for group in deal(units(plan, iteration, indices), max_parallel):
+    for group in scheduled_units(plan, iteration, indices, max_parallel, min_items):
         item: dict[str, Any] = {
             "plan_uri": plan.uri,
             "indices": group,
@@ -324,6 +334,41 @@ def units(plan: Plan, iteration: int, indices: list[int]) -> list[list[int]]:
     return [[row["index"] for row in group] for _, group in share(plan.spec, rows)]
 
 
+def scheduled_units(
+    plan: Plan,
+    iteration: int,
+    indices: list[int],
+    max_items: int | None = None,
+    min_items: int | None = None,
+    batch: bool = True,
+) -> list[list[int]]:
+    """A round's units of work grouped into tasks by predicted cost (:mod:`airflow_grid.costs`): the costliest
+    first, quick units batched (with ``batch``, and not with ``units: candidate``, which keeps one candidate per
+    task), never fewer tasks than ``min_items`` (default: the slots this machine's pool can give them) nor more
+    than ``max_items``."""
+    spec = plan.spec
+    rows = [plan.row(iteration, index) for index in indices]
+    groups = [group for _, group in share(spec, rows)]
+    history = costs.load(Store(plan.store_root), spec.name)
+    cost, in_seconds = costs.predict([[costs.signature(spec, row) for row in group] for group in groups], history)
+    batch = batch and in_seconds and spec.units != "candidate"
+    return costs.schedule(
+        [[row["index"] for row in group] for group in groups],
+        cost,
+        quick_seconds=costs.QUICK_SECONDS[spec.backend] if batch else None,
+        min_items=min_items or default_min_items(spec),
+        max_items=max_items,
+    )
+
+
+def default_min_items(spec: SearchSpec) -> int:
+    """How many tasks keep the slots busy: this machine's CPUs over each task's CPUs (the embedded default's pool
+    has one slot per CPU), or :data:`KUBERNETES_MIN_ITEMS` pods."""
+    if spec.backend == "kubernetes":
+        return KUBERNETES_MIN_ITEMS
+    return max(1, (os.cpu_count() or 1) // max(1, math.ceil(spec.resources.cpu)))
+
+
 def share(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """Rows grouped into units of work whose shared work gives the same scores, in the rows' order:
 
@@ -340,10 +385,3 @@ def share(spec: SearchSpec, rows: list[dict[str, Any]]) -> list[tuple[str, list[
     groups = [("chain", c) for c in chained] + [("prefix", g) for g in shared] + [("alone", [r]) for r in rest]
     order = {row["index"]: position for position, row in enumerate(rows)}
     return sorted(groups, key=lambda group: min(order[row["index"]] for row in group[1]))
-
-
-def deal(units: list[list[int]], max_parallel: int | None) -> list[list[int]]:
-    """One unit per group, or units dealt round-robin into ``max_parallel`` groups (so costly neighbours spread)."""
-    if not max_parallel or max_parallel >= len(units):
-        return [list(unit) for unit in units]
-    return [[index for unit in units[start::max_parallel] for index in unit] for start in range(max_parallel)]

@@ -463,6 +463,36 @@ def test_reruns_are_served_from_store_without_duplicate_mlflow_runs(isolated: Pa
     assert dag_run_conf("grid_refit", f"refit__{dag.dag_id}__{first.run_id}")["parent_run_id"] == parents[0].info.run_id
 
 
+def test_history_reorders_and_batches_tasks_without_changing_scores(isolated: Path) -> None:
+    """A study with cost history (as after last night's run) maps fewer, costlier-first tasks; same cv_results_."""
+    from airflow_grid import costs
+    from airflow_grid.plan import default_min_items, make_plan
+    from airflow_grid.spec import parse_spec
+    from airflow_grid.store import Store
+
+    spec = iris_spec("iris-costs", param_grid={"clf__C": [0.1, 1, 10, 100], "clf__kernel": ["linear", "rbf"]})
+    parsed, store = parse_spec(spec), Store(str(isolated / "store"))
+    plan = make_plan(parsed, store)  # the plan the DAG's plan task will find: same spec, same data
+    seeded = {costs.signature(parsed, plan.row(0, i)): 0.1 * (1 + i) for i in range(8)}  # quick, the last costliest
+    store.write_json(costs.history_path(parsed.name), seeded)
+
+    run = run_study(load_dag("grid_search_nightly"), spec)
+    assert run.state == "success"
+    tasks = xcoms(run.dag_id, run.run_id, "evaluate")
+    indices = [[r["index"] for r in tasks[m]["results"]] for m in sorted(tasks)]
+    assert len(indices) == min(8, default_min_items(parsed)) < 8  # quick candidates share tasks
+    assert 7 in indices[0]  # the costliest unit's task is mapped first
+    assert sorted(i for task in indices for i in task) == list(range(8))
+
+    from_dag = json.loads((Path(run.select["results_uri"].removeprefix("file://")) / "cv_results.json").read_text())
+    from_cli, _ = run_cli(spec, isolated / "cli")  # one candidate per request, in the plan's order
+    for column in score_columns(from_dag):
+        for index, (a, b) in enumerate(zip(from_dag[column], from_cli[column], strict=True)):
+            assert same_cell(a, b), f"{column}[{index}]: DAG {a!r} != CLI {b!r}"
+    learned = costs.load(store, parsed.name)
+    assert set(learned) == set(seeded) and learned != seeded  # select replaced the guesses with measurements
+
+
 # --- 4. asset event → dataset version on the MLflow run ------------------------------------------------------------
 
 

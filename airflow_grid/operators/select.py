@@ -57,6 +57,7 @@ class SelectWinnerOperator(BaseOperator):
                 raise AirflowFailException(f"no result for candidates {shown}: did evaluate tasks fail or get skipped?")
             ordered = [found[(itr, i)] for itr, indices in enumerate(rounds) for i in indices]
             cv_results, best = plan.reduce(ordered, rounds)
+            plan.remember_costs(rounds, ordered)  # the next plan of this study orders and batches by them
         except results.AllFitsFailedError as error:
             raise AirflowFailException(str(error)) from error
         best_index = best["best_index"]
