@@ -212,19 +212,21 @@ def _log_children(mlflow_client: Any, parent: str, study: str, cv_results: dict[
         run = logged.get(str(index))
         if run is not None and run.info.status == "FINISHED":
             continue
-        if run is None:
-            run = mlflow_client.create_run(
-                exp,
-                run_name=f"candidate-{index}",
-                tags={"mlflow.parentRunId": parent, TAG_CANDIDATE: str(index), TAG_ROLE: "candidate"},
-            )
         params = [Param(name, param_text(value)[:6000]) for name, value in cv_results["params"][index].items()]
         metrics = [
             Metric(key, _number(column[index]), now, 0)
             for key, column in cv_results.items()
             if key.startswith(("mean_", "std_", "rank_")) or key in ("iter", "n_resources")  # halving's round
         ]
-        _log_missing(mlflow_client, run.info.run_id, metrics=metrics, params=params)
+        if run is None:  # a new run holds nothing yet: log all of it without reading it back first
+            run = mlflow_client.create_run(
+                exp,
+                run_name=f"candidate-{index}",
+                tags={"mlflow.parentRunId": parent, TAG_CANDIDATE: str(index), TAG_ROLE: "candidate"},
+            )
+            mlflow_client.log_batch(run.info.run_id, metrics=metrics, params=params)
+        else:
+            _log_missing(mlflow_client, run.info.run_id, metrics=metrics, params=params)
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
 
 
