@@ -7,13 +7,15 @@ exist on the estimator before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import hashlib
 import math
 import re
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +47,23 @@ class Candidate:
         return {"index": self.index, "params": self.params, "label": self.label}
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a step builds or parses 100,000s of candidate dicts (which hold no
+    cycles): the collections their allocation triggers walk every live object, a quarter of planning's time.
+
+    Reference counting frees memory as usual; the collector's previous state is restored on exit.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@collector_paused()
 def expand(spec: SearchSpec, n_sampled: int | None = None) -> list[Candidate]:
     """Candidates in ParameterGrid order (keys sorted within each grid, grids in list order); for the sampled
     strategies, ParameterSampler's candidates in its order (``n_sampled`` of them when the data decided it)."""
@@ -337,9 +356,13 @@ def key_maker(
         }
     )
     before, after = fixed.split(canonical_json(_PARAMS_SLOT), 1)
+    head, tail = hashlib.sha256(before.encode()), after.encode()
 
     def key(params: dict[str, Any]) -> str:
-        return hashlib.sha256(f"{before}{canonical_json(params)}{after}".encode()).hexdigest()
+        digest = head.copy()  # sha256 of before + params + after, the shared prefix hashed once per plan
+        digest.update(canonical_json(params).encode())
+        digest.update(tail)
+        return digest.hexdigest()
 
     return key
 

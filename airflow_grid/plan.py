@@ -188,8 +188,9 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
     plan_id = content_hash(identity)[:24]
     directory = store.plan_dir(plan_id)
     store.touch_in_use(plan_id)  # first, so `airflow-grid gc` never removes a plan while it is being written
-    if verify_plan(store, plan_id) is not None:
-        return load_plan(store.url(directory))
+    stored = verify_plan(store, plan_id)
+    if stored is not None:  # the document just verified, not plan.json read and parsed a second time
+        return Plan(uri=store.url(directory), document=stored)
 
     document, payloads = _document(spec, candidates, dataset, folds, directory, identity)
     if schedule is not None:
@@ -201,6 +202,7 @@ def make_plan(spec: SearchSpec, store: Store, extra_allowed: tuple[str, ...] = (
     return load_plan(store.url(directory))
 
 
+@grid.collector_paused()
 def _document(
     spec: SearchSpec,
     candidates: list[grid.Candidate],
@@ -276,6 +278,7 @@ def _add_rounds(
         candidate["key"] = grid.candidate_key(spec, first, rounds[0]["folds_hash"], fingerprint, library_versions)
 
 
+@grid.collector_paused()  # parsing plan.json allocates a dict per candidate
 def verify_plan(store: Store, plan_id: str) -> dict[str, Any] | None:
     """The stored plan document if plan.json parses and every snapshot file matches its check, else None."""
     directory = store.plan_dir(plan_id)
@@ -292,6 +295,7 @@ def verify_plan(store: Store, plan_id: str) -> dict[str, Any] | None:
     return dict(document)
 
 
+@grid.collector_paused()  # parsing plan.json allocates a dict per candidate
 def load_plan(uri: str) -> Plan:
     root, separator, plan_id = uri.rpartition("/plans/")
     if not separator:

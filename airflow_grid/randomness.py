@@ -91,6 +91,7 @@ RULE_PARAMS = frozenset(
     }
 )
 _COMPONENT_VALUES = ("passthrough", "drop")
+_SCALARS = (int, float, bool, str, type(None))
 _ADVICE = "Set random_state to make reruns reproducible."
 
 Entry = dict[str, Any]
@@ -181,6 +182,8 @@ def _kind(name: str, base_params: Mapping[str, Any]) -> str:
 
 
 def _structural(value: Any, kind: str) -> bool:
+    if type(value) in _SCALARS:  # most grid values: never an object spec, so no Mapping check per candidate
+        return kind == "unknown" and (value is None or (type(value) is str and value in _COMPONENT_VALUES))
     if is_object_spec(value):
         return True
     return kind == "unknown" and (value is None or (isinstance(value, str) and value in _COMPONENT_VALUES))

@@ -275,8 +275,14 @@ def content_hash(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
+#: What ``json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)`` builds on every
+#: call, built once (json.dumps makes a new encoder whenever an option differs from its defaults); it keeps no
+#: state between calls.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+
+
 def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True, default=str)
+    return _CANONICAL.encode(value)
 
 
 def load_spec_file(path: str | os.PathLike[str]) -> dict[str, Any]:
