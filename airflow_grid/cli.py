@@ -18,12 +18,19 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow_grid import launch, leaderboard, pool, randomness, results, versions
-from airflow_grid.plan import Plan, make_plan, scheduled_units
-from airflow_grid.spec import SpecError, load_spec_file, parse_spec
+from airflow_grid import rerun, versions
+from airflow_grid.errors import SpecError
+from airflow_grid.policy import Policy
+from airflow_grid.spec import load_spec_file, parse_spec
 from airflow_grid.store import Store
+
+if TYPE_CHECKING:
+    from airflow_grid.plan import Plan
+
+# scikit-learn, scipy and the planner are imported where they are used: a rerun answered from the store
+# (:mod:`airflow_grid.rerun`) needs none of them.
 
 
 class RunFailed(RuntimeError):
@@ -31,6 +38,8 @@ class RunFailed(RuntimeError):
 
 
 def plan_command(args: argparse.Namespace) -> int:
+    from airflow_grid.plan import make_plan
+
     spec = parse_spec(load_spec_file(args.spec))
     plan = make_plan(spec, Store(args.store))
     document = plan.document
@@ -60,8 +69,29 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def run_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    spec = parse_spec(load_spec_file(args.spec))
+    document = load_spec_file(args.spec)
     store = Store(args.store)
+    policy = Policy.from_env().to_json()
+    answered = rerun.answer(store, document, policy)
+    if answered is not None:
+        return _answered_from_store(args, answered, started)
+    spec = parse_spec(document)
+    cv_text, summary, winner, board, plan = _search(args, spec, store)
+    reduced = {"cv_results_json": cv_text, "best": summary, "winner": winner, "leaderboard": board}
+    if rerun.decided_by_inputs(spec, plan.document):
+        digest = rerun.results_digest(store, [candidate["key"] for candidate in plan.candidates])
+        identity = rerun.data_identity(document)
+        if digest is not None and identity is not None:
+            rerun.remember(store, rerun.lookup_key(document, policy, identity), plan.plan_id, digest, reduced)
+    return _write_outputs(args, spec, plan.uri, plan.document, reduced, started)
+
+
+def _search(args: argparse.Namespace, spec: Any, store: Store) -> tuple[str, dict[str, Any], dict[str, Any], str, Plan]:
+    """Plan, evaluate every round, reduce: (cv_results.json text, best.json content, the winner's row, the
+    leaderboard text, the plan)."""
+    from airflow_grid import leaderboard, results
+    from airflow_grid.plan import make_plan
+
     plan = make_plan(spec, store)
     cores = os.cpu_count() or 1
     parallel = args.parallel or max(1, cores // max(1, math.ceil(spec.resources.cpu)))
@@ -90,17 +120,60 @@ def run_command(args: argparse.Namespace) -> int:
     plan.remember_costs(rounds, candidate_results)  # the next run of this study starts its slowest units first
     best = best_fields["best_index"]
     winner = plan.row(best_fields.get("best_iter", 0), best_fields.get("best_candidate", best))
+    summary: dict[str, Any] = {**best_fields, "study": spec.name, "plan_id": plan.plan_id}
+    cv_text = json.dumps(results.to_json(cv_results), indent=1)
+    board = leaderboard.render(cv_results, spec.refit_metric, best_index=best)
+    return cv_text, summary, {k: winner[k] for k in ("index", "iter", "label")}, board, plan
+
+
+def _answered_from_store(args: argparse.Namespace, answered: dict[str, Any], started: float) -> int:
+    """A rerun with nothing changed: the stored outcome, written as a full run writes it."""
+    document = answered["document"]
+    n = len(document["candidates"])
+    print(
+        f"study {document['study']}: nothing changed since plan {answered['plan_id']} (same spec, policy, data and "
+        f"library versions): answered from store {args.store or Store().root}",
+        flush=True,
+    )
+    for count, (candidate, result) in enumerate(zip(document["candidates"], answered["results"], strict=True), 1):
+        _progress(count, n, candidate, {**result, "from_store": True})
+    print(f"evaluated {n} candidates: 0 fitted, {n} from store", flush=True)
+    spec = None if args.no_refit else parse_spec(document["spec"], policy=_plan_policy(document))
+    return _write_outputs(args, spec, answered["plan_uri"], document, answered, started)
+
+
+def _plan_policy(document: dict[str, Any]) -> Policy:
+    recorded = document.get("policy") or {}
+    return Policy.configured(
+        (),
+        targets=",".join(recorded.get("prefixes", [])),
+        callables=",".join(recorded.get("callables", [])),
+        allow_file_params=bool(recorded.get("files")),
+    )
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    spec: Any,
+    plan_uri: str,
+    document: dict[str, Any],
+    reduced: dict[str, Any],
+    started: float,
+) -> int:
+    """cv_results.json, best.json, the winner's refit (unless --no-refit) and the leaderboard."""
+    summary, winner = dict(reduced["best"]), reduced["winner"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cv_results.json").write_text(json.dumps(results.to_json(cv_results), indent=1))
-    summary: dict[str, Any] = {**best_fields, "study": spec.name, "plan_id": plan.plan_id}
+    (out / "cv_results.json").write_text(reduced["cv_results_json"])
     (out / "best.json").write_text(json.dumps(summary, indent=1))
-    print(f"winner [{best}] {winner['label']}: mean_test_{spec.refit_metric}={summary['best_score']:.4f}")
-
+    metric = summary["refit_metric"]
+    print(f"winner [{summary['best_index']}] {winner['label']}: mean_test_{metric}={summary['best_score']:.4f}")
     if not args.no_refit:
+        from airflow_grid import launch
+
         refit = launch.worker_command(
             "refit",
-            plan.uri,
+            plan_uri,
             winner["index"],
             out=None,
             memory_bytes=spec.resources.memory_bytes,
@@ -113,10 +186,10 @@ def run_command(args: argparse.Namespace) -> int:
         (out / "best.json").write_text(json.dumps(summary, indent=1))
         if outcome["holdout_score"] is not None:
             score = outcome["holdout_score"]
-            print(f"refit on {plan.document['n_samples']} rows; holdout {spec.refit_metric}={score:.4f}")
+            print(f"refit on {document['n_samples']} rows; holdout {metric}={score:.4f}")
         print(f"model: {outcome['model_path']}")
     print(f"wrote {out / 'cv_results.json'} and {out / 'best.json'} in {time.perf_counter() - started:.1f}s")
-    print(leaderboard.render(cv_results, spec.refit_metric, best_index=best), flush=True)
+    print(reduced["leaderboard"], flush=True)
     return 0
 
 
@@ -127,6 +200,8 @@ def _print_unseeded(plan: Plan) -> None:
     """
     entries = plan.document.get("unseeded") or []
     if entries:
+        from airflow_grid import randomness
+
         print(randomness.summary(entries, len(plan.candidates)))
         for line in randomness.details(entries, len(plan.candidates)):
             print(f"  - {line}")
@@ -150,6 +225,7 @@ def render_command(args: argparse.Namespace) -> int:
     import yaml
 
     from airflow_grid.operators.kubernetes import KubernetesBackend, render_pod_manifests, validate_manifest
+    from airflow_grid.plan import make_plan
 
     spec = parse_spec(load_spec_file(args.spec))
     given = spec.raw.get("resources") or {}
@@ -199,6 +275,9 @@ def evaluate_all(
     (:mod:`airflow_grid.pool`), ``per_process`` candidates' worth at a time. Each worker runs inside the spec's CPU
     budget and its memory budget (``resources.memory``, all its processes).
     """
+    from airflow_grid import pool
+    from airflow_grid.plan import scheduled_units
+
     candidates = rows if rows is not None else [plan.row(0, c["index"]) for c in plan.candidates]
     iteration = candidates[0]["iter"] if candidates else 0
     memory = plan.spec.resources.memory_bytes
@@ -267,6 +346,8 @@ def _progress(count: int, total: int, candidate: dict[str, Any], result: dict[st
 
 def _run_worker(command: list[str], cpu: float) -> dict[str, Any]:
     """Run one worker (built by the launcher) to completion; its JSON outcome comes on stdout."""
+    from airflow_grid import launch
+
     completed = subprocess.run(command, capture_output=True, text=True, env=launch.worker_env(cpu))
     if completed.returncode != 0:
         action = command[3] if len(command) > 3 else "worker"
@@ -314,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as error:
         print(f"airflow-grid: invalid spec: {error}", file=sys.stderr)
         return 2
-    except (RunFailed, results.AllFitsFailedError) as error:
+    except Exception as error:
+        from airflow_grid.results import AllFitsFailedError
+
+        if not isinstance(error, RunFailed | AllFitsFailedError):
+            raise
         print(f"airflow-grid: {error}", file=sys.stderr)
         return 1
 

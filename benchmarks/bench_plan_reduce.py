@@ -136,6 +136,7 @@ def synthetic_results(n: int, n_splits: int = 5) -> tuple[list[dict[str, Any]], 
 def reduce_child(n: int) -> None:
     """In a fresh process: build the results, time the reduce; print one JSON line."""
     import psutil
+    import scipy.stats  # noqa: F401  # results imports it when it ranks: warm, as the other imports are
 
     from airflow_grid import results as reducer
 

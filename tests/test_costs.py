@@ -129,7 +129,7 @@ def test_items_follow_the_history(tmp_path: Path) -> None:
 
     _seed(store, spec, plan, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 25.0})  # one slow, five quick
     items = work_items(plan, 0, every, min_items=3)
-    assert [item["indices"] for item in items][0] == [5]
+    assert items[0]["indices"] == [5]
     assert len(items) == 3 and sorted(i for item in items for i in item["indices"]) == every
     assert all(" | " in item["label"] for item in items[1:])  # a batched task names every candidate in it
 
