@@ -138,18 +138,8 @@ def _answered_from_store(args: argparse.Namespace, answered: dict[str, Any], sta
     for count, (candidate, result) in enumerate(zip(document["candidates"], answered["results"], strict=True), 1):
         _progress(count, n, candidate, {**result, "from_store": True})
     print(f"evaluated {n} candidates: 0 fitted, {n} from store", flush=True)
-    spec = None if args.no_refit else parse_spec(document["spec"], policy=_plan_policy(document))
+    spec = None if args.no_refit else parse_spec(document["spec"], policy=Policy.from_json(document["policy"]))
     return _write_outputs(args, spec, answered["plan_uri"], document, answered, started)
-
-
-def _plan_policy(document: dict[str, Any]) -> Policy:
-    recorded = document.get("policy") or {}
-    return Policy.configured(
-        (),
-        targets=",".join(recorded.get("prefixes", [])),
-        callables=",".join(recorded.get("callables", [])),
-        allow_file_params=bool(recorded.get("files")),
-    )
 
 
 def _write_outputs(
