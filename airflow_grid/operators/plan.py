@@ -11,9 +11,8 @@ import jinja2
 from airflow.sdk import BaseOperator, Context, conf
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_grid import lineage, overrides, randomness, settings
+from airflow_grid import lineage, overrides, settings
 from airflow_grid import policy as trust
-from airflow_grid.plan import make_plan, work_items
 from airflow_grid.policy import DATA_PATH_VARIABLES
 from airflow_grid.spec import SearchSpec, SpecError, load_spec_file, parse_spec
 from airflow_grid.store import Store
@@ -81,6 +80,9 @@ class PlanGridSearchOperator(BaseOperator):
                     f"each evaluate task of this DAG takes in pool {self.grid_pool!r}.",
                     "lower resources.cpu, or build the DAG with a larger cpu so its tasks take more slots.",
                 )
+            # here, not at the top: every task process parses the DAG file, and only this task needs sklearn
+            from airflow_grid.plan import make_plan, work_items
+
             plan = make_plan(spec, Store(self.store or settings.store()), self.extra_allowed)
         except SpecError as error:
             raise AirflowFailException(f"invalid spec: {error}") from error
@@ -114,6 +116,8 @@ class PlanGridSearchOperator(BaseOperator):
         )  # fmt: skip
         unseeded = plan.document.get("unseeded") or []  # absent in plans written before the field existed
         if unseeded:
+            from airflow_grid import randomness
+
             self.log.warning("%s", randomness.summary(unseeded, len(candidates)))
         return items
 

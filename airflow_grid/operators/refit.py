@@ -13,10 +13,9 @@ from airflow.providers.standard.hooks.subprocess import SubprocessHook
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_grid import data, lineage, tracking
+from airflow_grid import lineage, tracking
 from airflow_grid.launch import worker_command, worker_env
 from airflow_grid.operators.champion import champion_alias, emit_if_promoted
-from airflow_grid.plan import load_plan
 from airflow_grid.store import Store
 from airflow_grid.tracking.links import MlflowModelLink
 from airflow_grid.worker import EXIT_BAD_INPUT
@@ -49,6 +48,10 @@ class RefitWinnerOperator(BaseOperator):
         tags = parent.data.tags
         if tracking.TAG_PLAN_URI not in tags or tracking.TAG_BEST_INDEX not in tags:
             raise AirflowFailException(f"MLflow run {self.parent_run_id} is not an airflow-grid study run.")
+        # here, not at the top: every task process parses the DAG file, and only this task needs sklearn
+        from airflow_grid import data
+        from airflow_grid.plan import load_plan
+
         plan = load_plan(tags[tracking.TAG_PLAN_URI])
         spec = plan.spec
         best_index = int(tags[tracking.TAG_BEST_INDEX])  # the cv_results_ row

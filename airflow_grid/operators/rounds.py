@@ -14,9 +14,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
-from airflow_grid import results
 from airflow_grid.operators.select import collect_results
-from airflow_grid.plan import load_plan, work_items
 
 
 class HalvingRoundOperator(BaseOperator):
@@ -38,6 +36,10 @@ class HalvingRoundOperator(BaseOperator):
         self.plan_summary = plan_summary
 
     def execute(self, context: Context) -> list[dict[str, Any]]:
+        # here, not at the top: every task process parses the DAG file, and only this task needs sklearn
+        from airflow_grid import results
+        from airflow_grid.plan import load_plan, work_items
+
         plan = load_plan(self.plan_summary["plan_uri"])
         if self.iteration >= plan.n_rounds:
             self.log.info("The search needs %d round(s): round %d has no candidates.", plan.n_rounds, self.iteration)

@@ -12,8 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_grid import leaderboard, results, settings, tracking
-from airflow_grid.plan import load_plan
+from airflow_grid import settings, tracking
 from airflow_grid.store import Store
 from airflow_grid.tracking import links
 
@@ -46,6 +45,10 @@ class SelectWinnerOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         summary = self.plan_summary
+        # here, not at the top: every task process parses the DAG file, and only this task needs sklearn
+        from airflow_grid import leaderboard, results
+        from airflow_grid.plan import load_plan
+
         plan = load_plan(summary["plan_uri"])
         spec = plan.spec
         found = collect_results(self.evaluated)
