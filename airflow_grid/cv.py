@@ -183,9 +183,11 @@ def evaluate_shared_prefix(
     return_train_score: bool,
     cpu: float,
     fit_params: dict[str, Any] | None = None,
+    prefix_cache: Any = None,
 ) -> list[dict[str, Any]]:
     """Pipelines sharing every step but the last (see :mod:`airflow_grid.prefixes`): one result per pipeline, each
-    as :func:`evaluate` gives it alone; the prefix is fitted once per fold, folds in parallel within the budget."""
+    as :func:`evaluate` gives it alone; the prefix is fitted once per fold (or read from ``prefix_cache``, see
+    :mod:`airflow_grid.prefix_cache`), folds in parallel within the budget."""
     from airflow_grid import prefixes
 
     if fit_params:
@@ -194,7 +196,7 @@ def evaluate_shared_prefix(
     def fit(scorers: Any, n_jobs: int) -> list[list[dict[str, Any]]]:
         return prefixes.fit_group(
             estimators, X, y, folds, scorers=scorers, return_train_score=return_train_score,
-            error_score=error_score, n_jobs=n_jobs,
+            error_score=error_score, n_jobs=n_jobs, cache=prefix_cache,
         )  # fmt: skip
 
     common: dict[str, Any] = {"scoring": scoring, "metric_names": metric_names, "error_score": error_score, "cpu": cpu}

@@ -62,15 +62,19 @@ def fit_group(
     return_train_score: bool,
     error_score: Any,
     n_jobs: int,
+    cache: Any = None,
 ) -> list[list[dict[str, Any]]]:
     """``_fit_and_score``-shaped outputs per candidate, per fold (``[candidate][fold]``); folds in parallel.
 
-    ``estimators`` are the group's pipelines (params set); they share every step but the last.
+    ``estimators`` are the group's pipelines (params set); they share every step but the last. ``cache``: a
+    :class:`~airflow_grid.prefix_cache.PrefixCache` whose arrays replace fitting the prefix where present, and
+    which keeps the arrays fitted here when that pays.
     """
     from joblib import Parallel, delayed
 
     per_fold = Parallel(n_jobs=n_jobs)(
-        delayed(_fold)(estimators, X, y, train, test, scorers, return_train_score, error_score) for train, test in folds
+        delayed(_fold)(estimators, X, y, train, test, scorers, return_train_score, error_score, (cache, k))
+        for k, (train, test) in enumerate(folds)
     )
     return [[fold[k] for fold in per_fold] for k in range(len(estimators))]
 
@@ -84,25 +88,34 @@ def _fold(
     scorers: Any,
     return_train_score: bool,
     error_score: Any,
+    cached: tuple[Any, int] = (None, 0),
 ) -> list[dict[str, Any]]:
-    """One fold: the prefix fitted once, then each candidate's final step fitted and scored as a Pipeline would."""
+    """One fold: the prefix fitted once (or its arrays read from ``cached`` = (cache, fold index)), then each
+    candidate's final step fitted and scored as a Pipeline would."""
     from sklearn.base import clone
     from sklearn.utils.metaestimators import _safe_split
 
+    cache, fold = cached
     X_train, y_train = _safe_split(estimators[0], X, y, train)
     X_test, y_test = _safe_split(estimators[0], X, y, test, train)
-    prefix = clone(estimators[0][:-1])
     started = time.time()
-    try:
-        fitted = prefix.fit_transform(X_train, y_train)  # what Pipeline._fit hands to the final step
-        to_test = prefix.transform(X_test)  # what Pipeline.predict/score computes on the test part
-        to_train = prefix.transform(X_train) if return_train_score else None  # Pipeline.score on the train part
-    except Exception:
-        if error_score == "raise":
-            raise
-        failed = time.time() - started
-        return [_failed(scorers, return_train_score, error_score, failed, format_exc()) for _ in estimators]
-    shared = time.time() - started
+    hit = cache.get(fold) if cache is not None else None
+    if hit is not None:
+        fitted, to_test, to_train = hit
+    else:
+        prefix = clone(estimators[0][:-1])
+        try:
+            fitted = prefix.fit_transform(X_train, y_train)  # what Pipeline._fit hands to the final step
+            to_test = prefix.transform(X_test)  # what Pipeline.predict/score computes on the test part
+            to_train = prefix.transform(X_train) if return_train_score else None  # Pipeline.score on the train part
+        except Exception:
+            if error_score == "raise":
+                raise
+            failed = time.time() - started
+            return [_failed(scorers, return_train_score, error_score, failed, format_exc()) for _ in estimators]
+        if cache is not None:
+            cache.put(fold, fitted, to_test, to_train, time.time() - started)
+    shared = time.time() - started  # what this fold's prefix cost here: a fit, or reading its arrays
     return [
         _final(clone(e.steps[-1][1]), fitted, y_train, to_test, y_test, to_train, scorers, error_score, shared)
         for e in estimators

@@ -18,6 +18,9 @@ from typing import Any
 
 from airflow_grid.store import IN_USE_FILE, QUARANTINE_DIR, Store
 
+#: What the store keeps only to go faster (fitted prefix arrays, rerun lookups): deleted once older than max_age.
+CACHE_DIRS = ("prefixes", "lookups")
+
 PLAN_FILE = "plan.json"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -26,7 +29,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 class Entry:
     """One unit of retention: a plan directory or a single file, with its fate and why."""
 
-    kind: str  # "plan", "result", "quarantine", "temporary"
+    kind: str  # "plan", "result", "quarantine", "temporary", "cache"
     name: str  # the plan directory or file, relative to the store root
     files: int
     size: int
@@ -78,6 +81,11 @@ def collect(store: Store, keep_plans: int, max_age: float, in_use_window: float,
     for relative, size in store.list_files(QUARANTINE_DIR).items():
         old = now - store.modified(relative) >= max_age
         report.entries.append(Entry("quarantine", relative, 1, size, old, "damaged file set aside"))
+    for top in CACHE_DIRS:  # rebuilt on demand: kept while young, whatever plan they came from
+        for relative, size in store.list_files(top).items():
+            old = now - store.modified(relative) >= max_age
+            reason = f"{top}/ older than {_show_age(max_age)}" if old else f"{top}/ younger than {_show_age(max_age)}"
+            report.entries.append(Entry("cache", relative, 1, size, old, reason))
     return report
 
 
@@ -158,7 +166,7 @@ def render(report: Report) -> str:
     for delete, title in ((True, "would delete" if report.dry_run else "deleted"), (False, "kept")):
         chosen = [entry for entry in report.entries if entry.delete is delete]
         lines.append(f"{title}:" + ("" if chosen else " nothing"))
-        for kind in ("plan", "result", "quarantine", "temporary"):
+        for kind in ("plan", "result", "quarantine", "temporary", "cache"):
             of_kind = [entry for entry in chosen if entry.kind == kind]
             if not of_kind:
                 continue

@@ -99,7 +99,7 @@ class _Inputs:
 
 def _evaluate_group(plan: Any, kind: str, group: list[dict[str, Any]], inputs: _Inputs) -> list[dict[str, Any]]:
     """Evaluate one candidate, a warm-start chain or a shared-prefix group, into results ready for the store."""
-    from airflow_grid import chains, cv, grid, scoring_spec
+    from airflow_grid import chains, cv, grid, prefix_cache, scoring_spec
 
     spec = plan.spec
     X, y, folds, fit_params = inputs.get(group[0]["folds"])
@@ -115,6 +115,9 @@ def _evaluate_group(plan: Any, kind: str, group: list[dict[str, Any]], inputs: _
     }
     started = time.perf_counter()
     extra: dict[str, Any] = {}
+    final = _reusable_prefix(spec, estimator)
+    if kind == "alone" and final is not None and spec.units == "candidate":
+        kind = "prefix"  # one candidate per task: its pipeline's prefix may come from another task (prefix_cache)
     if kind == "alone":
         timeout = {"timeout": spec.resources.timeout, "timeout_text": spec.resources.timeout_text}
         all_scores = [cv.evaluate(estimator, X, y, folds, **timeout, **common)]
@@ -122,7 +125,11 @@ def _evaluate_group(plan: Any, kind: str, group: list[dict[str, Any]], inputs: _
         estimators = [estimator] + [grid.build_estimator(spec, row["params"]) for row in group[1:]]
         for row, other in zip(group[1:], estimators[1:], strict=True):
             _cap_n_jobs(other, cv.budget(spec.resources.cpu, len(folds))[1], spec, row["index"])
-        all_scores = cv.evaluate_shared_prefix(estimators, X, y, folds, **common)
+        cache = None
+        if spec.units == "candidate":  # the only way a prefix's fold is fitted in several tasks of one search
+            key = prefix_cache.prefix_key(spec, plan.document, group[0], str(final), spec.return_train_score)
+            cache = prefix_cache.PrefixCache(inputs.store, key)
+        all_scores = cv.evaluate_shared_prefix(estimators, X, y, folds, prefix_cache=cache, **common)
         extra["shared_prefix"] = [name for name, _ in estimators[0].steps[:-1]]  # fit_time includes the prefix's
     else:
         name = str(chains.size_param(group[0]["params"]))
@@ -144,6 +151,15 @@ def _evaluate_group(plan: Any, kind: str, group: list[dict[str, Any]], inputs: _
         }
         for row, scores in zip(group, all_scores, strict=True)
     ]
+
+
+def _reusable_prefix(spec: Any, estimator: Any) -> str | None:
+    """A pipeline's final step name when its prefix may be shared (no fit params, no per-fold timeout)."""
+    from airflow_grid import prefixes
+
+    if spec.fit_params or spec.resources.timeout is not None:
+        return None
+    return prefixes.final_step(estimator)
 
 
 def refit_candidate(plan_uri: str, index: int, model_path: str, iteration: int = 0) -> dict[str, Any]:
