@@ -12,12 +12,16 @@ from each side's own cv_results. For our side it is split further: Σ elapsed_s 
 from the result store) against the slot-seconds (wall x parallel) outside them — process start-up, imports,
 loading the snapshot, planning and reducing.
 
+``--history``: every measured run of ours gets the cost history (``costs/`` only) of one unmeasured warm-up run,
+as a study's second night has it: units start costliest first (README: *Order and batching by cost*).
+
 ``--smoke``: tiny grids and data, one repeat, seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -54,9 +58,15 @@ WORKLOADS: dict[str, tuple[Path, Callable[[dict[str, Any]], None], float | None]
 OVERHEAD_TARGET = 0.5
 
 
-def run_workload(name: str, spec_path: str, repeats: int, per_process: list[int], scratch: str) -> None:
+def run_workload(
+    name: str, spec_path: str, repeats: int, per_process: list[int], scratch: str, history: bool = False
+) -> None:
     target = WORKLOADS[name][2]
-    print(f"## {name}: {spec_path}", flush=True)
+    print(f"## {name}: {spec_path}" + (" (with the study's cost history)" if history else ""), flush=True)
+    warm = f"{scratch}/{name}-warm-up"
+    if history:  # last night's run: only its costs/ are handed to the measured runs, not its results
+        paired.run_ours(spec_path, f"{warm}/store", f"{warm}/out")
+        print(f"warm-up run (not measured) left {warm}/store/costs", flush=True)
     sides: list[tuple[str, int | None]] = [(f"ours K={k}", k) for k in per_process] + [("sklearn", None)]
     runs: list[paired.Measured] = []
     by_side: dict[str, list[paired.Measured]] = {side: [] for side, _ in sides}
@@ -67,6 +77,8 @@ def run_workload(name: str, spec_path: str, repeats: int, per_process: list[int]
             if k is None:
                 measured[side] = paired.run_sklearn(spec_path, f"{where}.json")
             else:
+                if history:
+                    shutil.copytree(f"{warm}/store/costs", f"{where}/store/costs")
                 measured[side] = paired.run_ours(spec_path, f"{where}/store", f"{where}/out", per_process=k)
         theirs = measured["sklearn"]
         assert theirs.cv_results is not None
@@ -123,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-process", type=int, nargs="+", default=[1], help="--candidates-per-process values")
     parser.add_argument("--rows", type=int, help="pipeline: n_samples instead of the spec's 100,000")
     parser.add_argument("--smoke", action="store_true", help="tiny grids and data, one repeat")
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="give each measured run the cost history of an unmeasured warm-up run (costs/ only, no results): "
+        "units then start costliest first, as on a study's second night",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.workloads) - set(WORKLOADS))
     if unknown:
@@ -144,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                 smoke(document)
             if args.rows and name == "pipeline":
                 document["data"]["n_samples"] = args.rows
-            run_workload(name, paired.write_spec(document, scratch, name), repeats, args.per_process, scratch)
+            spec = paired.write_spec(document, scratch, name)
+            run_workload(name, spec, repeats, args.per_process, scratch, history=args.history)
     print("done: every score cell identical to GridSearchCV's, bit for bit")
 
 
