@@ -124,7 +124,8 @@ def test_demo_refits_registers_a_champion_and_leaves_nothing_running(demo: dict[
     report = demo["report"]
     assert report["state"] == "success" and report["refit_state"] == "success"
     assert report["refit_run_id"] == f"refit__grid_search_nightly__{report['run_id']}"
-    client = MlflowClient(tracking_uri=f"sqlite:///{demo['home'] / 'mlflow.db'}")
+    uri = f"sqlite:///{demo['home'] / 'mlflow.db'}"  # both: the registry otherwise follows this session's global URI
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     champion = client.get_model_version_by_alias(SPEC["name"], "champion")
     assert str(champion.version) == str(report["champion"]["version"])
     assert "Airflow stopped cleanly" in demo["output"] and report["stopped_cleanly"] is True
