@@ -284,14 +284,10 @@ def verify_plan(store: Store, plan_id: str) -> dict[str, Any] | None:
     directory = store.plan_dir(plan_id)
     try:
         document = store.read_json(f"{directory}/{PLAN_FILE}")
-        files, checks = document["files"], document["file_checks"]
-        if document["plan_id"] != plan_id:
+        if document["plan_id"] != plan_id or not store.files_match(document):
             return None
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return None
-    for name, relative in files.items():
-        if relative is not None and store.file_check(relative) != checks.get(name):
-            return None
     return dict(document)
 
 

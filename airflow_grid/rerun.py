@@ -120,8 +120,7 @@ def answer(store: Store, raw_spec: dict[str, Any], policy: dict[str, Any]) -> di
     planned = document.get("versions") or {}
     if any(versions.mismatch(planned, versions.versions_of(planned))):
         return None  # an upgrade gives a new plan: the full path makes it
-    checks = document.get("file_checks") or {}
-    if any(path and store.file_check(path) != checks.get(name) for name, path in document["files"].items()):
+    if not store.files_match(document):
         return None  # a damaged snapshot: re-planning heals it (and a refit needs it whole)
     read = stored_results(store, [candidate["key"] for candidate in document["candidates"]])
     if read is None:

@@ -165,6 +165,12 @@ class Store:
         except FileNotFoundError:
             return None
 
+    def files_match(self, document: dict[str, Any]) -> bool:
+        """Whether every file a plan document names still matches the size and sha256 it recorded."""
+        checks = document.get("file_checks") or {}
+        files = document["files"]
+        return all(path is None or self.file_check(path) == checks.get(name) for name, path in files.items())
+
     def modified(self, relative: str) -> float:
         """When a file was last written, as a POSIX timestamp (0 if the filesystem cannot say)."""
         try:
